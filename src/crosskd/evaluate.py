@@ -1,0 +1,74 @@
+"""Evaluation: bits per byte and perplexity from the LM cross-entropy alone.
+
+The one BPB implementation: set-up checks, the trainer's evaluation and bench/ all call `bits_per_byte`, so their
+numbers are comparable. Definition: the text is tokenised once, cut into non-overlapping windows of 512 tokens; in each
+window every token after the first is scored; BPB = (sum of NLL in bits) / (UTF-8 bytes of the scored tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from crosskd.data.encoding import encode_with_byte_spans
+
+BPB_WINDOW_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class BPBResult:
+    bits_per_byte: float
+    perplexity: float
+    nll_nats: float
+    scored_tokens: int
+    scored_bytes: int
+
+
+def _scored_windows(tokenizer, text: str, window: int):
+    """(ids [1, n], bytes of tokens 1..n-1) for each non-overlapping window of the tokenised text."""
+    encoded = encode_with_byte_spans(tokenizer, text)
+    token_bytes = encoded.byte_ends - encoded.byte_starts
+    for start in range(0, len(encoded), window):
+        ids = torch.from_numpy(encoded.ids[start : start + window]).unsqueeze(0)
+        if ids.shape[1] < 2:
+            continue
+        yield ids, int(token_bytes[start + 1 : start + ids.shape[1]].sum())
+
+
+@torch.no_grad()
+def bits_per_byte(model, tokenizer, text: str, window: int = BPB_WINDOW_TOKENS, accelerator=None) -> BPBResult:
+    """Held-out bits per byte of `model` on `text`.
+
+    With an `accelerator` (several processes), the windows are shared out by index and the sums gathered, so every
+    window is counted exactly once whatever the number of processes.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    tokens = torch.zeros((), dtype=torch.float64, device=device)
+    nbytes = torch.zeros((), dtype=torch.float64, device=device)
+    for index, (ids, scored_bytes) in enumerate(_scored_windows(tokenizer, text, window)):
+        if index % world != rank:
+            continue
+        ids = ids.to(device)
+        logits = model(input_ids=ids).logits[0, :-1].float()
+        nll += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").double()
+        tokens += ids.shape[1] - 1
+        nbytes += scored_bytes
+    if accelerator is not None and world > 1:
+        nll, tokens, nbytes = (accelerator.reduce(t, reduction="sum") for t in (nll, tokens, nbytes))
+    if was_training:
+        model.train()
+    if tokens.item() == 0:
+        raise ValueError("the evaluation text is too short: it gives no window of two or more tokens to score")
+    return BPBResult(
+        bits_per_byte=nll.item() / math.log(2) / nbytes.item(),
+        perplexity=math.exp(nll.item() / tokens.item()),
+        nll_nats=nll.item(),
+        scored_tokens=int(tokens.item()),
+        scored_bytes=int(nbytes.item()),
+    )
