@@ -22,8 +22,8 @@ progress = st.floats(min_value=0.0, max_value=1.0)
 @pytest.mark.parametrize(
     ("p", "expected"),
     [
-        (0.0, {"kd": 0.1, "feature": 0.0, "attention": 0.0, "layerwise": 0.0, "contrastive": 0.0}),
-        (0.1, {"kd": 0.4, "feature": 0.0, "attention": 0.0, "layerwise": 0.0, "contrastive": 0.0}),
+        (0.0, {"kd": 0.07, "feature": 0.0, "attention": 0.0, "layerwise": 0.0, "contrastive": 0.0}),
+        (0.1, {"kd": 0.385, "feature": 0.0, "attention": 0.0, "layerwise": 0.0, "contrastive": 0.0}),
         (0.2, {"kd": 0.7, "feature": 0.2 / 3, "attention": 0.1, "layerwise": 0.0, "contrastive": 0.0}),
         (0.4, {"kd": 0.7, "feature": 0.2, "attention": 0.3, "layerwise": 0.0, "contrastive": 0.0}),
         (0.55, {"kd": 0.7, "feature": 0.2, "attention": 0.3, "layerwise": 0.2, "contrastive": 0.0}),
@@ -64,6 +64,13 @@ def test_weights_never_decrease_and_stay_within_alpha(p, q):
         assert 0.0 <= w_early[term] <= w_late[term] <= getattr(DEFAULTS, f"{term}_alpha") + 1e-12
 
 
+def test_kd_warmup_starts_at_a_fraction_of_kd_alpha():
+    settings = ScheduleSettings(kd_alpha=2.0, kd_warmup_start=0.25, kd_warmup_end_progress=0.5)
+    assert loss_weights(0.0, settings)["kd"] == pytest.approx(0.5)
+    assert loss_weights(0.5, settings)["kd"] == pytest.approx(2.0)
+    assert loss_weights(0.3, ScheduleSettings(kd_warmup_end_progress=0.0))["kd"] == 1.0
+
+
 def test_router_regularisers_are_constant():
     assert {loss_weights(p, DEFAULTS)["load_balance"] for p in (0.0, 0.5, 1.0)} == {DEFAULTS.load_balance_alpha}
 
@@ -88,7 +95,7 @@ def test_progress_outside_unit_interval_is_an_error(p):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"feature_ramp_start": 0.5, "feature_ramp_end": 0.4}, {"kd_alpha": -1.0}, {"temperature_end": 0.0},
+    [{"feature_ramp_start": 0.5, "feature_ramp_end": 0.4}, {"kd_alpha": -1.0}, {"temperature_end": 0.0}, {"kd_warmup_start": 1.5},
      {"contrastive_ramp_end": 1.5}, {"layerwise_alpha": math.inf}],
 )
 def test_invalid_settings_are_rejected(overrides):

@@ -25,8 +25,9 @@ TERMS_WITH_HEADS = ("feature", "layerwise", "contrastive")
 class ScheduleSettings:
     """Plain values; the trainer's config maps onto these field names one to one."""
 
-    kd_alpha: float = 0.7
+    kd_alpha: float = 1.0
     # The logit projector starts untrained, so KD starts small and reaches kd_alpha at kd_warmup_end_progress.
+    # A fraction of kd_alpha (not an absolute weight), so kd_alpha = 0 means no KD at any p.
     kd_warmup_start: float = 0.1
     kd_warmup_end_progress: float = 0.2
 
@@ -35,13 +36,14 @@ class ScheduleSettings:
     temperature_start_progress: float = 0.0
     temperature_end_progress: float = 1.0
 
+    # Only the feature (router) term is on by default; the others are opt-in until benchmarked.
     feature_alpha: float = 0.1
-    attention_alpha: float = 0.1
-    layerwise_alpha: float = 0.1
-    contrastive_alpha: float = 0.1
+    attention_alpha: float = 0.0
+    layerwise_alpha: float = 0.0
+    contrastive_alpha: float = 0.0
     # Gate-only regularisers of the router; constant because no gradient from them reaches the student.
     load_balance_alpha: float = 0.01
-    expert_importance_alpha: float = 0.01
+    importance_alpha: float = 0.01
 
     # False: every curriculum term sits at its alpha from p = 0 (the KD warm-up is separate; set
     # kd_warmup_end_progress = 0 to switch it off).
@@ -62,6 +64,8 @@ class ScheduleSettings:
                 raise ValueError(f"schedule setting {field.name} must be finite, got {value}")
             if field.name.endswith("_alpha") and value < 0:
                 raise ValueError(f"{field.name} must be >= 0, got {value}")
+        if not 0.0 <= self.kd_warmup_start <= 1.0:
+            raise ValueError(f"kd_warmup_start is a fraction of kd_alpha in [0, 1], got {self.kd_warmup_start}")
         if self.temperature_start <= 0 or self.temperature_end <= 0:
             raise ValueError("temperatures must be > 0")
         ranges = {
@@ -101,7 +105,8 @@ def _interpolate(p: float, start_value: float, end_value: float, start: float, e
 
 def kd_weight(p: float, settings: ScheduleSettings) -> float:
     _check_progress(p)
-    return _interpolate(p, settings.kd_warmup_start, settings.kd_alpha, 0.0, settings.kd_warmup_end_progress)
+    fraction = _interpolate(p, settings.kd_warmup_start, 1.0, 0.0, settings.kd_warmup_end_progress)
+    return settings.kd_alpha * fraction
 
 
 def temperature(p: float, settings: ScheduleSettings) -> float:
@@ -127,12 +132,12 @@ def loss_weights(p: float, settings: ScheduleSettings) -> dict[str, float]:
     """Every term's weight at progress p.
 
     ``kd``: factor on the KD loss. ``feature``/``attention``/``layerwise``/``contrastive``: factor on the gradient
-    into the student. ``load_balance``/``expert_importance``: factors on the router's gate-only regularisers.
+    into the student. ``load_balance``/``importance``: factors on the router's gate-only regularisers.
     """
     weights = {"kd": kd_weight(p, settings)}
     weights.update({term: curriculum_weight(term, p, settings) for term in CURRICULUM_TERMS})
     weights["load_balance"] = settings.load_balance_alpha
-    weights["expert_importance"] = settings.expert_importance_alpha
+    weights["importance"] = settings.importance_alpha
     return weights
 
 
