@@ -1,0 +1,278 @@
+"""The run configuration: dataclasses, YAML/JSON loading, dotted overrides, validation with suggestions.
+
+One file describes a run. Every value travels down from here into the modules; nothing reads the file again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from crosskd.data.stdlib import HELDOUT_CHARS, HELDOUT_FILES
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: the message names the key, the problem and the fix."""
+
+
+@dataclass
+class ModelsConfig:
+    # Hub id, local folder, .gguf file, `reference:teacher|student` (crosskd setup-models) or `tiny:teacher|student`.
+    teacher: str = "reference:teacher"
+    student: str = "reference:student"
+    teacher_dtype: str = "float32"  # float32 | bfloat16 | float16: the frozen teacher's weights and forward
+
+
+@dataclass
+class DataConfig:
+    # `python-stdlib`, a text file / folder / glob, a .jsonl or .parquet file, or a datasets folder.
+    source: str = "python-stdlib"
+    text_field: str = "text"
+    window_tokens: int = 256
+    # Documents named here form the held-out split; with none, `eval_fraction` of the documents (seeded) does.
+    heldout_documents: list[str] = field(default_factory=lambda: list(HELDOUT_FILES))
+    eval_fraction: float = 0.0
+    # The held-out text is the concatenation of the held-out documents cut to this many characters (null: all).
+    eval_max_chars: int | None = HELDOUT_CHARS
+    seed: int = 0
+
+
+@dataclass
+class ObjectiveConfig:
+    strategy: str = "first-token"  # first-token | projector | uld
+    divergence: str | None = None  # forward_kl | reverse_kl | generalized_jsd | total_variation | skew_kl; uld: none
+    divergence_params: dict[str, float] = field(default_factory=dict)
+    kd_top_k: int = 256
+    lm_alpha: float = 1.0
+    kd_alpha: float = 1.0
+    # first-token: what to do where the student's next token runs past the teacher's (see docs/VOCAB.md).
+    mismatch_policy: str = "exclude"
+    scale_by_t2: bool = True
+    chunk_size: int = 256  # positions per float32 logit chunk
+    projector_prefit_steps: int = 200
+    projector_anchor_alpha: float = 1.0
+
+
+@dataclass
+class RouterConfig:
+    enabled: bool = False
+    dense: bool = False  # match every teacher layer group instead of routing top-k (same parameter count)
+    num_experts: int = 4
+    top_k: int = 2
+    student_layer: int | None = None  # default: the student's middle layer
+    feature_alpha: float = 0.1
+    load_balance_alpha: float = 0.01
+    importance_alpha: float = 0.01
+    layerwise_alpha: float = 0.0
+    contrastive_alpha: float = 0.0
+    contrastive_temperature: float = 0.1
+    attention_alpha: float = 0.0
+    attention_layers: list[int] = field(default_factory=list)
+    calibration_windows: int = 8
+
+
+@dataclass
+class ScheduleConfig:
+    use_curriculum: bool = True
+    temperature_start: float = 2.0
+    temperature_end: float = 1.5
+    kd_warmup_start: float = 0.1  # KD weight at p = 0, as a fraction of kd_alpha
+    kd_warmup_end_progress: float = 0.2
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    # Learning-rate multipliers per parameter group: the student, auxiliary heads (router, layerwise, contrastive),
+    # the projector.
+    student_lr_multiplier: float = 1.0
+    heads_lr_multiplier: float = 2.0
+    projector_lr_multiplier: float = 5.0
+    scheduler: str = "cosine"  # cosine | constant
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+
+
+@dataclass
+class EarlyStoppingConfig:
+    enabled: bool = False
+    patience: int = 3  # evaluations without an improvement of at least min_delta
+    min_delta: float = 0.001  # in bits per byte
+    warmup_steps: int = 0  # optimizer steps before early stopping may trigger
+
+
+@dataclass
+class TrainingConfig:
+    max_steps: int | None = 25  # optimizer steps; null: run `epochs` over the training windows
+    epochs: int = 1
+    batch_size: int = 4  # windows per micro-batch per process
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    seed: int = 0
+    max_consecutive_nonfinite: int = 5
+    log_every: int = 1
+    eval_every: int = 0  # optimizer steps; 0: only before and after training
+    checkpoint_every: int = 0  # optimizer steps; 0: only at the end
+    keep_checkpoints: int = 2
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+
+
+@dataclass
+class OutputConfig:
+    run_dir: str = "runs/reference"
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+STRATEGIES = ("first-token", "projector", "uld")
+DIVERGENCE_NAMES = ("forward_kl", "reverse_kl", "generalized_jsd", "total_variation", "skew_kl")
+MISMATCH_POLICIES = ("exclude", "chain-rule")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML or JSON file (or only defaults), apply dotted `key=value` overrides, build and validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass a YAML or JSON file such as configs/reference.yaml")
+        text = path.read_text()
+        try:
+            raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as error:
+            raise ConfigError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}") from error
+        raw = raw or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections (models, data, objective, ...) at the top level")
+    for override in overrides:
+        _apply_override(raw, override)
+    config = _build(Config, raw, prefix="")
+    validate(config)
+    return config
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} is not of the form section.key=value (e.g. training.max_steps=10)")
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is a value, not a section")
+    node[leaf] = yaml.safe_load(value)
+
+
+def _build(cls, raw: Any, prefix: str):
+    """Build dataclass `cls` from a mapping, rejecting unknown keys with the nearest valid one suggested."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'the config'} must be a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = [key for key in raw if key not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, fields, n=1)
+        hint = f"; did you mean {prefix}{close[0]!r}?" if close else f"; valid keys: {', '.join(fields)}"
+        raise ConfigError(f"unknown config key {prefix}{key!r}{hint}")
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, prefix=f"{prefix}{name}.")
+        else:
+            values[name] = _check_type(value, hint, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        hint = next(option for option in options if option is not type(None))
+        origin = typing.get_origin(hint)
+    expected = origin or hint
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads 2e-5 as a string
+        except ValueError:
+            pass
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(f"{key} must be {getattr(expected, '__name__', expected)}, got {value!r}")
+    return value
+
+
+def _choice(value: Any, options: tuple, key: str) -> None:
+    if value not in options:
+        close = difflib.get_close_matches(str(value), options, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{key} is {value!r}, which is not one of {', '.join(options)}{hint}")
+
+
+def validate(config: Config) -> None:
+    """Reject values and combinations that make no sense, saying why."""
+    objective, router, training = config.objective, config.router, config.training
+    _choice(objective.strategy, STRATEGIES, "objective.strategy")
+    _choice(objective.mismatch_policy, MISMATCH_POLICIES, "objective.mismatch_policy")
+    _choice(config.models.teacher_dtype, ("float32", "bfloat16", "float16"), "models.teacher_dtype")
+    _choice(training.mixed_precision, ("no", "fp16", "bf16"), "training.mixed_precision")
+    _choice(config.optimizer.scheduler, ("cosine", "constant"), "optimizer.scheduler")
+    if objective.strategy == "uld":
+        if objective.divergence is not None:
+            raise ConfigError(
+                "objective.divergence cannot be combined with objective.strategy 'uld': ULD is a distance of its own "
+                "(L1 between sorted probability vectors, which need no shared vocabulary); remove objective.divergence"
+            )
+    elif objective.divergence is not None:
+        _choice(objective.divergence, DIVERGENCE_NAMES, "objective.divergence")
+    if objective.mismatch_policy == "chain-rule" and objective.strategy != "first-token":
+        raise ConfigError("objective.mismatch_policy 'chain-rule' applies only to the first-token strategy")
+    if objective.kd_top_k < 1:
+        raise ConfigError("objective.kd_top_k must be at least 1")
+    if config.data.window_tokens < 2:
+        raise ConfigError("data.window_tokens must be at least 2: a window predicts its next tokens")
+    if not 0.0 <= config.data.eval_fraction < 1.0:
+        raise ConfigError("data.eval_fraction must be in [0, 1)")
+    if not config.data.heldout_documents and config.data.eval_fraction == 0.0:
+        raise ConfigError("no held-out split: set data.heldout_documents or data.eval_fraction > 0")
+    if router.enabled and not 1 <= router.top_k <= router.num_experts:
+        raise ConfigError(f"router.top_k ({router.top_k}) must be between 1 and router.num_experts ({router.num_experts})")
+    if training.max_steps is not None and training.max_steps < 1:
+        raise ConfigError("training.max_steps must be at least 1 (or null to run training.epochs)")
+    for key in ("batch_size", "gradient_accumulation_steps", "epochs", "max_consecutive_nonfinite", "log_every"):
+        if getattr(training, key) < 1:
+            raise ConfigError(f"training.{key} must be at least 1")
+    if config.schedule.temperature_start <= 0 or config.schedule.temperature_end <= 0:
+        raise ConfigError("schedule temperatures must be positive")

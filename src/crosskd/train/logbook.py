@@ -1,0 +1,71 @@
+"""Honest logs: one compact line every N steps, the same records in JSONL and TensorBoard, a progress bar with ETA.
+
+Weighted components are logged next to the total they add up to; `check_sum` makes the debug switch assert it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+class Logbook:
+    def __init__(self, run_dir: Path, total_steps: int, tensorboard: bool, enabled: bool, initial_step: int = 0):
+        self.enabled = enabled  # only the main process writes
+        self.jsonl = None
+        self.writer = None
+        self.bar = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(run_dir / "log.jsonl", "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.bar = tqdm(total=total_steps, initial=initial_step, desc="distilling", unit="step", dynamic_ncols=True)
+
+    def record(self, kind: str, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+        if self.writer is not None:
+            for name, value in values.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(f"{kind}/{name}", value, step)
+
+    def line(self, text: str) -> None:
+        if self.enabled:
+            tqdm.write(text)
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.bar.close()
+        self.jsonl.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def format_step_line(step: int, total: int, values: dict) -> str:
+    """`step 12/25 (48%) total 2.314 = lm 1.802 + kd 0.512 | T 1.82 lr 1.600e-05 | 512 tok/s | skipped 0`."""
+    components = " + ".join(f"{name} {value:.3f}" for name, value in values["weighted"].items())
+    return (
+        f"step {step}/{total} ({100 * step / total:.0f}%) total {values['total']:.3f} = {components} | "
+        f"T {values['temperature']:.2f} lr {values['lr']:.3e} | {values['tokens_per_second']:.0f} tok/s | "
+        f"skipped {values['nonfinite_skipped']}+{values['overflow_skipped']} overflow"
+    )
+
+
+def check_sum(total: float, weighted: dict[str, float], tolerance: float = 1e-4) -> None:
+    """The logged components must add up to the logged total (the debug switch asserts it every step)."""
+    summed = sum(weighted.values())
+    if not math.isclose(summed, total, rel_tol=tolerance, abs_tol=tolerance):
+        raise AssertionError(f"weighted components sum to {summed:.6f} but the total is {total:.6f}: {weighted}")
