@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from crosskd.data.encoding import token_bytes_table
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from tokenizers import Tokenizer, normalizers
+from transformers import PreTrainedTokenizerFast
+
+from crosskd.data.encoding import encode_with_byte_spans, token_bytes_table
+from crosskd.testing import mixed_texts
 from crosskd.testing.tiny_tokenizers import byte_level_bpe, sentencepiece_like
 
 SAMPLE = "def f(x):\r\n\treturn x  # 日本 🎉 café\n"
@@ -52,3 +59,86 @@ def test_token_bytes_table_sentencepiece():
     ids = tokenizer(SAMPLE, add_special_tokens=False)["input_ids"]
     # Metaspace prepends a space to the text ("first" scheme): the only difference from the source bytes.
     assert b"".join(table[i] for i in ids) == b" " + SAMPLE.encode("utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Exact byte spans
+
+
+TOKENIZERS = {
+    "bpe300": lambda: byte_level_bpe(300),
+    "bpe700": lambda: byte_level_bpe(700),
+    "sentencepiece400": lambda: sentencepiece_like(400),
+}
+
+
+def _assert_exact_spans(tokenizer, text: str) -> None:
+    encoded = encode_with_byte_spans(tokenizer, text)
+    data = text.encode("utf-8")
+    table = token_bytes_table(tokenizer)
+    assert encoded.ids.dtype == encoded.byte_starts.dtype == encoded.byte_ends.dtype == np.int64
+    if not len(encoded):
+        assert data == b""
+        return
+    # Contiguous and covering: each span starts where the previous one ended, from byte 0 to the end of the text.
+    assert encoded.byte_starts[0] == 0 and encoded.byte_ends[-1] == len(data)
+    assert np.array_equal(encoded.byte_starts[1:], encoded.byte_ends[:-1])
+    for position, (token_id, start, end) in enumerate(zip(encoded.ids, encoded.byte_starts, encoded.byte_ends)):
+        token_bytes = table[token_id]
+        if position == 0 and token_bytes.startswith(b" ") and not data.startswith(b" "):
+            token_bytes = token_bytes[1:]  # the space Metaspace prepends to the text is not in the text
+        assert data[start:end] == token_bytes, (position, tokenizer.convert_ids_to_tokens(int(token_id)))
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+@settings(max_examples=60, deadline=None)
+@given(text=mixed_texts())
+def test_byte_spans_are_exact(name, text):
+    _assert_exact_spans(TOKENIZERS[name](), text)
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+def test_byte_spans_of_a_leading_space_and_an_empty_text(name):
+    tokenizer = TOKENIZERS[name]()
+    for text in ("", " leading space", "  two", "\nnewline first", "日 first"):
+        _assert_exact_spans(tokenizer, text)
+
+
+def test_byte_fallback_tokens_split_one_character_into_byte_spans():
+    tokenizer = sentencepiece_like(400)
+    encoded = encode_with_byte_spans(tokenizer, "a日🎉")
+    tokens = tokenizer.convert_ids_to_tokens(encoded.ids.tolist())
+    spans = list(zip(tokens, encoded.byte_starts.tolist(), encoded.byte_ends.tolist()))
+    assert spans[-7:] == [
+        ("<0xE6>", 1, 2), ("<0x97>", 2, 3), ("<0xA5>", 3, 4),
+        ("<0xF0>", 4, 5), ("<0x9F>", 5, 6), ("<0x8E>", 6, 7), ("<0x89>", 7, 8),
+    ]
+
+
+def test_metaspace_prepended_space_gets_no_text_bytes():
+    tokenizer = sentencepiece_like(400)
+    encoded = encode_with_byte_spans(tokenizer, "Hi")
+    assert encoded.byte_starts[0] == 0
+    assert (encoded.byte_ends - encoded.byte_starts).sum() == 2
+
+
+def _with_normalizer(tokenizer, normalizer) -> PreTrainedTokenizerFast:
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.normalizer = normalizer
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
+
+
+def test_normalising_tokenizer_is_a_clear_error():
+    lowercasing = _with_normalizer(byte_level_bpe(300), normalizers.Lowercase())
+    assert len(encode_with_byte_spans(lowercasing, "already lower")) > 0
+    with pytest.raises(ValueError, match=r"does not reproduce the text.*normalizer = None"):
+        encode_with_byte_spans(lowercasing, "Some Capitals")
+
+
+def test_tokens_without_text_are_a_clear_error():
+    no_fallback = Tokenizer.from_str(sentencepiece_like(400).backend_tokenizer.to_str())
+    no_fallback.model.byte_fallback = False
+    no_fallback.model.unk_token = "<|endoftext|>"
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=no_fallback, eos_token="<|endoftext|>")
+    with pytest.raises(ValueError, match="stand for no text.*byte-fallback"):
+        encode_with_byte_spans(wrapped, "日")

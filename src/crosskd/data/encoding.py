@@ -115,27 +115,118 @@ def token_bytes_table(tokenizer) -> list[bytes | None]:
 # Byte spans
 
 
+@dataclass(frozen=True)
+class _TokenByteArrays:
+    """token_bytes_table as flat arrays, so that spans of millions of tokens are computed without a Python loop."""
+
+    flat: np.ndarray  # uint8: every token's bytes concatenated
+    offsets: np.ndarray  # int64 [V]: where token v's bytes start in `flat`
+    lengths: np.ndarray  # int64 [V]: byte length of token v, -1 if it stands for no text
+    leading_space: np.ndarray  # bool [V]: the token's bytes start with a space (a candidate for Metaspace's prefix)
+
+
+_BYTE_ARRAYS_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _token_byte_arrays(tokenizer) -> _TokenByteArrays:
+    cached = _BYTE_ARRAYS_CACHE.get(tokenizer)
+    if cached is not None and len(cached.lengths) == len(tokenizer):  # rebuilt if tokens were added since
+        return cached
+    table = token_bytes_table(tokenizer)
+    lengths = np.array([-1 if entry is None else len(entry) for entry in table], dtype=np.int64)
+    offsets = np.zeros(len(table), dtype=np.int64)
+    np.cumsum(np.maximum(lengths, 0)[:-1], out=offsets[1:])
+    arrays = _TokenByteArrays(
+        flat=np.frombuffer(b"".join(entry or b"" for entry in table), dtype=np.uint8),
+        offsets=offsets,
+        lengths=lengths,
+        leading_space=np.array([entry is not None and entry[:1] == b" " for entry in table], dtype=bool),
+    )
+    _BYTE_ARRAYS_CACHE[tokenizer] = arrays
+    return arrays
+
+
+def _tokenizer_name(tokenizer) -> str:
+    return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+
+
 def encode_with_byte_spans(tokenizer, text: str) -> EncodedText:
-    """Tokenise `text` as plain text (special-token strings are text, no BOS/EOS added) with byte spans."""
+    """Tokenise `text` as plain text (special-token strings are text, no BOS/EOS added) with exact byte spans.
+
+    Spans are contiguous and non-overlapping, each span's bytes are the token's bytes and together they are the UTF-8
+    text. The one exception is the space a Metaspace (SentencePiece) tokenizer prepends to the text: it is not in the
+    text, so the token carrying it spans one byte less (an empty span if the token is just '▁').
+    """
     require_fast_tokenizer(tokenizer)
-    enc = tokenizer(
+    encoding = tokenizer(
         text,
         add_special_tokens=False,
         split_special_tokens=True,
         return_offsets_mapping=True,
         return_attention_mask=False,
     )
-    ids = np.asarray(enc["input_ids"], dtype=np.int64)
-    char_offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
-    char_to_byte = _char_to_byte_table(text)
-    starts = char_to_byte[char_offsets[:, 0]]
-    ends = char_to_byte[char_offsets[:, 1]]
-    return EncodedText(ids=ids, byte_starts=starts, byte_ends=ends)
+    ids = np.asarray(encoding["input_ids"], dtype=np.int64)
+    char_starts = np.asarray(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2)[:, 0]
+    text_bytes = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    arrays = _token_byte_arrays(tokenizer)
+    lengths = arrays.lengths[ids]
+    _require_text_tokens(tokenizer, ids, lengths)
+    first_used_byte = arrays.offsets[ids]
+    prefix_spaces = _prepended_spaces(arrays, ids, char_starts, text, int(lengths.sum()) - len(text_bytes))
+    lengths = lengths - prefix_spaces
+    first_used_byte = first_used_byte + prefix_spaces
+    byte_ends = np.cumsum(lengths)
+    byte_starts = byte_ends - lengths
+    _require_reproduced_text(tokenizer, arrays.flat, first_used_byte, byte_starts, lengths, text_bytes, ids)
+    return EncodedText(ids=ids, byte_starts=byte_starts, byte_ends=byte_ends)
 
 
-def _char_to_byte_table(text: str) -> np.ndarray:
-    """table[c] = byte offset of character c in text.encode('utf-8'); table[len(text)] = total bytes."""
-    lengths = np.fromiter((len(ch.encode("utf-8", "surrogatepass")) for ch in text), dtype=np.int64, count=len(text))
-    table = np.zeros(len(text) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=table[1:])
-    return table
+def _require_text_tokens(tokenizer, ids: np.ndarray, lengths: np.ndarray) -> None:
+    textless = np.flatnonzero(lengths < 0)
+    if textless.size:
+        token = tokenizer.convert_ids_to_tokens(int(ids[textless[0]]))
+        raise ValueError(
+            f"tokenizer {_tokenizer_name(tokenizer)} produced {textless.size} token(s) that stand for no text "
+            f"(first: {token!r} at position {int(textless[0])}), e.g. an unknown-token for a character outside its "
+            "vocabulary; crosskd needs every token to map back to bytes: use a byte-level or byte-fallback tokenizer"
+        )
+
+
+def _prepended_spaces(arrays: _TokenByteArrays, ids, char_starts, text: str, excess_bytes: int) -> np.ndarray:
+    """1 for each token whose leading space was prepended by the tokenizer (Metaspace 'first'/'always'), else 0.
+
+    Such a token starts at a character that is not a space. It is only looked for when the tokens have more bytes than
+    the text, so byte-level tokens (whose offsets may be trimmed of spaces) are never touched.
+    """
+    prefix = np.zeros(len(ids), dtype=np.int64)
+    if excess_bytes <= 0:
+        return prefix
+    code_points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    candidates = np.flatnonzero(arrays.leading_space[ids])
+    candidates = candidates[code_points[char_starts[candidates]] != ord(" ")]
+    if candidates.size == excess_bytes:
+        prefix[candidates] = 1
+    return prefix
+
+
+def _require_reproduced_text(tokenizer, flat, first_used_byte, byte_starts, lengths, text_bytes, ids) -> None:
+    """The tokens' bytes laid end to end must be the text, or the spans would point at the wrong bytes."""
+    total = int(lengths.sum())
+    if total == len(text_bytes):
+        gather = np.repeat(first_used_byte - byte_starts, lengths) + np.arange(total)
+        mismatched = np.flatnonzero(flat[gather] != text_bytes)
+        if not mismatched.size:
+            return
+        first_bad_byte = int(mismatched[0])
+    else:
+        first_bad_byte = min(total, len(text_bytes))
+    token_index = min(int(np.searchsorted(byte_starts + lengths, first_bad_byte, side="right")), len(ids) - 1)
+    context = bytes(text_bytes[max(0, first_bad_byte - 20) : first_bad_byte + 20]).decode("utf-8", "replace")
+    token = tokenizer.convert_ids_to_tokens(int(ids[token_index])) if len(ids) else None
+    raise ValueError(
+        f"tokenizer {_tokenizer_name(tokenizer)} does not reproduce the text byte for byte (its tokens have {total} "
+        f"bytes, the text {len(text_bytes)}; first difference at byte {first_bad_byte}, token {token!r}, near "
+        f"{context!r}): it normalises the text (e.g. lowercasing, Unicode normalisation, stripping) before "
+        "tokenising, so tokens cannot be mapped to exact byte spans; use a tokenizer without a normalizer "
+        "(tokenizer.backend_tokenizer.normalizer = None) or one that only prepends/replaces spaces with '▁'"
+    )
