@@ -9,8 +9,8 @@ from tokenizers import Tokenizer, normalizers
 from transformers import PreTrainedTokenizerFast
 
 from crosskd.data.encoding import encode_with_byte_spans, token_bytes_table
-from crosskd.testing import mixed_texts
-from crosskd.testing.tiny_tokenizers import byte_level_bpe, sentencepiece_like
+from crosskd.testing import assert_exact_byte_spans, mixed_texts
+from crosskd.testing.tiny_tokenizers import TEST_TOKENIZERS, byte_level_bpe, sentencepiece_like, tiny_tokenizer
 
 SAMPLE = "def f(x):\r\n\treturn x  # 日本 🎉 café\n"
 
@@ -65,41 +65,22 @@ def test_token_bytes_table_sentencepiece():
 # Exact byte spans
 
 
-TOKENIZERS = {
-    "bpe300": lambda: byte_level_bpe(300),
-    "bpe700": lambda: byte_level_bpe(700),
-    "sentencepiece400": lambda: sentencepiece_like(400),
-}
-
-
 def _assert_exact_spans(tokenizer, text: str) -> None:
     encoded = encode_with_byte_spans(tokenizer, text)
-    data = text.encode("utf-8")
-    table = token_bytes_table(tokenizer)
     assert encoded.ids.dtype == encoded.byte_starts.dtype == encoded.byte_ends.dtype == np.int64
-    if not len(encoded):
-        assert data == b""
-        return
-    # Contiguous and covering: each span starts where the previous one ended, from byte 0 to the end of the text.
-    assert encoded.byte_starts[0] == 0 and encoded.byte_ends[-1] == len(data)
-    assert np.array_equal(encoded.byte_starts[1:], encoded.byte_ends[:-1])
-    for position, (token_id, start, end) in enumerate(zip(encoded.ids, encoded.byte_starts, encoded.byte_ends)):
-        token_bytes = table[token_id]
-        if position == 0 and token_bytes.startswith(b" ") and not data.startswith(b" "):
-            token_bytes = token_bytes[1:]  # the space Metaspace prepends to the text is not in the text
-        assert data[start:end] == token_bytes, (position, tokenizer.convert_ids_to_tokens(int(token_id)))
+    assert_exact_byte_spans(tokenizer, text, encoded)
 
 
-@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+@pytest.mark.parametrize("name", sorted(TEST_TOKENIZERS))
 @settings(max_examples=60, deadline=None)
 @given(text=mixed_texts())
 def test_byte_spans_are_exact(name, text):
-    _assert_exact_spans(TOKENIZERS[name](), text)
+    _assert_exact_spans(tiny_tokenizer(name), text)
 
 
-@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+@pytest.mark.parametrize("name", sorted(TEST_TOKENIZERS))
 def test_byte_spans_of_a_leading_space_and_an_empty_text(name):
-    tokenizer = TOKENIZERS[name]()
+    tokenizer = tiny_tokenizer(name)
     for text in ("", " leading space", "  two", "\nnewline first", "日 first"):
         _assert_exact_spans(tokenizer, text)
 

@@ -29,3 +29,23 @@ def mixed_texts(max_size: int = 40):
 
     piece = st.one_of(st.sampled_from(TRICKY_FRAGMENTS), st.text(max_size=6))
     return st.lists(piece, max_size=max_size).map("".join)
+
+
+def assert_exact_byte_spans(tokenizer, text: str, encoded) -> None:
+    """Check an EncodedText against its text: contiguous spans covering the UTF-8 bytes, each holding its token's
+    bytes (the space a Metaspace tokenizer prepends to the text being the one byte not in the text)."""
+    from crosskd.data.encoding import token_bytes_table
+
+    data = text.encode("utf-8")
+    assert len(encoded.ids) == len(encoded.byte_starts) == len(encoded.byte_ends)
+    if not len(encoded):
+        assert data == b"", "a non-empty text gave no tokens"
+        return
+    assert encoded.byte_starts[0] == 0 and encoded.byte_ends[-1] == len(data)
+    assert (encoded.byte_starts[1:] == encoded.byte_ends[:-1]).all(), "spans are not contiguous"
+    table = token_bytes_table(tokenizer)
+    for position, (token_id, start, end) in enumerate(zip(encoded.ids, encoded.byte_starts, encoded.byte_ends)):
+        token_bytes = table[token_id]
+        if position == 0 and token_bytes.startswith(b" ") and not data.startswith(b" "):
+            token_bytes = token_bytes[1:]
+        assert data[start:end] == token_bytes, (position, tokenizer.convert_ids_to_tokens(int(token_id)))

@@ -99,3 +99,18 @@ def sentencepiece_like(vocab_size: int = 400) -> PreTrainedTokenizerFast:
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
     return _wrap(result)
+
+
+# The three tokenizers tests pair up: two byte-level BPEs that disagree on boundaries, and a byte-fallback one.
+TEST_TOKENIZERS = {
+    "bpe300": lambda: byte_level_bpe(300),
+    "bpe700": lambda: byte_level_bpe(700),
+    "sentencepiece400": lambda: sentencepiece_like(400),
+}
+
+
+def tiny_tokenizer(name: str) -> PreTrainedTokenizerFast:
+    """One of TEST_TOKENIZERS by name."""
+    if name not in TEST_TOKENIZERS:
+        raise KeyError(f"no tiny tokenizer named {name!r}; choose one of {sorted(TEST_TOKENIZERS)}")
+    return TEST_TOKENIZERS[name]()
