@@ -1,0 +1,156 @@
+"""The distillation target: the teacher's top-k plus one tail atom, and the student's matching atoms.
+
+The definition (docs/OBJECTIVE.md has the full text and the reasons):
+
+1. The teacher's log-probabilities are computed at tau = 1 with invalid ids (padding rows of the embedding,
+   special tokens the caller excludes) masked out *before* the softmax, so they get no probability and can
+   never enter the top-k. The top-k ids, their log-probabilities and the log of the remaining mass
+   ``log m`` are the target; this is what a cache stores.
+2. Any temperature is applied afterwards to the K + 1 atoms: ``log_softmax([logp, log m] / tau)``.
+3. The student is reduced to the same atoms the same way: its tau = 1 log-probabilities at the support ids
+   plus the log of its own remaining mass, then ``log_softmax(atoms / tau)``. Identical models therefore
+   give identical atoms, hence zero divergence, at every temperature.
+
+The support lives in the student's vocabulary. When teacher and student share a tokenizer the teacher's
+top-k is the support directly (:meth:`TopKTarget.as_support`); otherwise a vocabulary-transfer strategy
+maps it to a :class:`MappedTarget`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+from crosskd.losses.chunking import DEFAULT_CHUNK_ROWS, chunk_slices, upcast
+
+DEFAULT_TOP_K = 256
+
+
+@dataclass(frozen=True)
+class MappedTarget:
+    """A teacher distribution on a support of student ids, plus a tail atom.
+
+    ids: int64 [P, K'] student ids; unique among the slots where ``mask`` is True.
+    logp: float [P, K'] teacher log-probabilities (tau = 1) of those ids; ignored where ``mask`` is False.
+    mask: bool [P, K'] which slots are real; False slots (padding after merging duplicates) are no atom.
+    tail_logmass: float [P] log of the teacher mass outside the support; -inf if there is none.
+    """
+
+    ids: Tensor
+    logp: Tensor
+    mask: Tensor
+    tail_logmass: Tensor
+
+
+@dataclass(frozen=True)
+class TopKTarget:
+    """The teacher's top-k at tau = 1 in the teacher's own vocabulary.
+
+    ids: int64 [P, K] teacher ids, by decreasing probability.
+    logp: float32 [P, K] their log-probabilities at tau = 1.
+    tail_logmass: float32 [P] log of the mass outside the top-k; -inf if there is none.
+    """
+
+    ids: Tensor
+    logp: Tensor
+    tail_logmass: Tensor
+
+    def as_support(self) -> MappedTarget:
+        """The same target as a support for a student that shares the teacher's vocabulary."""
+        return MappedTarget(self.ids, self.logp, torch.ones_like(self.ids, dtype=torch.bool), self.tail_logmass)
+
+
+Target = TypeVar("Target", TopKTarget, MappedTarget)
+
+
+def select_positions(target: Target, index: Tensor | slice) -> Target:
+    """The target restricted to the positions ``index`` (every field is indexed along its first dim)."""
+    return dataclasses.replace(
+        target, **{field.name: getattr(target, field.name)[index] for field in dataclasses.fields(target)}
+    )
+
+
+def logsumexp_or_neginf(x: Tensor) -> Tensor:
+    """logsumexp over the last dim, -inf for rows that are all -inf, with a finite gradient everywhere.
+
+    Plain logsumexp already returns -inf for such rows, but its backward computes exp(-inf - (-inf)) = NaN.
+    """
+    empty_rows = torch.isneginf(x).all(-1, keepdim=True)
+    return x.masked_fill(empty_rows, 0.0).logsumexp(-1).masked_fill(empty_rows.squeeze(-1), -math.inf)
+
+
+def _topk_of_chunk(logits: Tensor, k: int, invalid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    logp = upcast(logits).masked_fill(invalid, -math.inf).log_softmax(-1)
+    top_logp, top_ids = logp.topk(k, dim=-1)
+    # Summing the rest in log space keeps log m exact when the top-k holds almost all the mass,
+    # where log(1 - sum(top-k)) would cancel catastrophically.
+    tail_logmass = logsumexp_or_neginf(logp.scatter(-1, top_ids, -math.inf))
+    return top_ids, top_logp, tail_logmass
+
+
+def teacher_topk(teacher_logits: Tensor, k: int, valid_mask: Tensor, chunk_size: int = DEFAULT_CHUNK_ROWS) -> TopKTarget:
+    """The teacher's top-k target from logits [P, V], one chunk of positions at a time.
+
+    ``valid_mask`` (bool [V]) says which teacher ids are real tokens; the others are masked before the
+    softmax. Differentiable, although the teacher is normally run without gradients.
+    """
+    vocab_size = teacher_logits.shape[-1]
+    if valid_mask.shape != (vocab_size,) or valid_mask.dtype != torch.bool:
+        raise ValueError(f"valid_mask must be bool [{vocab_size}], got {valid_mask.dtype} {list(valid_mask.shape)}")
+    n_valid = int(valid_mask.sum())
+    if not 1 <= k <= n_valid:
+        raise ValueError(f"k={k} must be between 1 and the number of valid teacher ids ({n_valid})")
+    invalid = ~valid_mask.to(teacher_logits.device)
+    row_chunks = list(chunk_slices(len(teacher_logits), chunk_size)) or [slice(0, 0)]
+    chunks = [_topk_of_chunk(teacher_logits[rows], k, invalid) for rows in row_chunks]
+    ids, logp, tail_logmass = (torch.cat(parts) for parts in zip(*chunks))
+    return TopKTarget(ids, logp, tail_logmass)
+
+
+def temper_atoms(support_logp: Tensor, tail_logmass: Tensor, temperature: float) -> Tensor:
+    """log_softmax([support_logp, tail_logmass] / temperature): [P, K] and [P] -> [P, K + 1]."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    return torch.cat([support_logp, tail_logmass.unsqueeze(-1)], dim=-1).div(temperature).log_softmax(-1)
+
+
+def target_atoms(target: TopKTarget | MappedTarget, temperature: float) -> Tensor:
+    """The teacher's K + 1 atoms at ``temperature`` (log-probabilities; masked slots are -inf)."""
+    logp = upcast(target.logp)
+    if isinstance(target, MappedTarget):
+        logp = logp.masked_fill(~target.mask, -math.inf)
+    return temper_atoms(logp, upcast(target.tail_logmass), temperature)
+
+
+def _require_unique_support(support_ids: Tensor, support_mask: Tensor) -> None:
+    # A repeated id would be counted twice and the atoms would no longer sum to 1.
+    ordered = support_ids.masked_fill(~support_mask, -1).sort(-1).values
+    if ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any():
+        raise ValueError("support ids repeat within a position; merge duplicates (scatter-add) before distilling")
+
+
+def _support_indicator(support_ids: Tensor, support_mask: Tensor, vocab_size: int) -> Tensor:
+    """bool [P, V]: which ids are on the support. Masked slots write to a spare column that is dropped,
+    so a masked slot whose id is also a real token does not remove that token from the tail."""
+    redirected = support_ids.masked_fill(~support_mask, vocab_size)
+    indicator = torch.zeros(len(support_ids), vocab_size + 1, dtype=torch.bool, device=support_ids.device)
+    return indicator.scatter_(-1, redirected, True)[:, :vocab_size]
+
+
+def student_atoms(student_logits: Tensor, support_ids: Tensor, support_mask: Tensor, temperature: float) -> Tensor:
+    """The student's K' + 1 atoms at ``temperature`` on a support of student ids: [P, Vs] -> [P, K' + 1].
+
+    Its tau = 1 log-probabilities over the full vocabulary, gathered at the support (masked slots -inf),
+    plus the log of the mass outside the support, then tempered exactly like the teacher's atoms.
+    Works on whatever positions it is given: callers pass one chunk of logits.
+    """
+    _require_unique_support(support_ids, support_mask)
+    logp = upcast(student_logits).log_softmax(-1)
+    support_logp = logp.gather(-1, support_ids).masked_fill(~support_mask, -math.inf)
+    off_support = logp.masked_fill(_support_indicator(support_ids, support_mask, logp.shape[-1]), -math.inf)
+    return temper_atoms(support_logp, logsumexp_or_neginf(off_support), temperature)
