@@ -1,0 +1,272 @@
+"""The `first-token` strategy: carry the teacher's distribution onto the student vocabulary token by token.
+
+Each teacher token t stands for some bytes b(t). Had the student been reading the same text, the token it would
+emit at that byte is the first token of its own tokenisation of b(t). So the map sends t to that student token, and
+the teacher's top-k probabilities are pushed through it by scatter-add: several teacher tokens that begin with the
+same student token ('▁def', '▁define', '▁default' -> '▁def') pool their mass on it.
+
+See docs/VOCAB.md for the positions where this picture breaks (the student's next token runs past the teacher's)
+and what `mismatch_policy` does there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from crosskd.data.encoding import _gpt2_unicode_to_byte, token_bytes_table
+from crosskd.losses.chunking import upcast
+from crosskd.losses.target import MappedTarget, TopKTarget, logsumexp_or_neginf
+from crosskd.models.cache import resolve_cache_dir
+
+UNMAPPED = -1  # teacher ids that stand for no text (special, padded): they never carry mass onto the student
+# Bump when the mapping rules change, so maps cached by an older rule are rebuilt rather than silently reused.
+MAP_ALGORITHM_VERSION = 1
+_AFTER_EVERY_ID = torch.iinfo(torch.int64).max  # sorts unmapped entries after every real student id
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hashes and the on-disk cache
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 of the tokenizer's tokenizer.json serialisation: any change to vocab, merges or pipeline changes it."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode("utf-8")).hexdigest()
+
+
+def first_token_map_key(student_tokenizer, teacher_tokenizer, teacher_valid_mask: torch.Tensor) -> str:
+    """Cache key: both tokenizers, which teacher logit ids are real tokens, and the mapping rules' version."""
+    digest = hashlib.sha256()
+    digest.update(f"first-token-v{MAP_ALGORITHM_VERSION}\n".encode())
+    digest.update(tokenizer_hash(student_tokenizer).encode())
+    digest.update(tokenizer_hash(teacher_tokenizer).encode())
+    digest.update(teacher_valid_mask.to(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def first_token_map_path(key: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    return resolve_cache_dir(cache_dir) / "vocab" / f"first_token-{key[:32]}.npy"
+
+
+@dataclass(frozen=True)
+class FirstTokenMap:
+    """teacher_to_student[t] = the student id teacher id t maps to, or UNMAPPED (-1)."""
+
+    teacher_to_student: torch.Tensor  # int64 [teacher logit size]
+    student_vocab_size: int
+    key: str
+
+    @property
+    def mapped_share(self) -> float:
+        return float((self.teacher_to_student != UNMAPPED).float().mean())
+
+
+def load_or_build_first_token_map(
+    student_tokenizer,
+    teacher_tokenizer,
+    teacher_valid_mask: torch.Tensor,
+    student_vocab_size: int,
+    cache_dir: str | os.PathLike | None = None,
+) -> FirstTokenMap:
+    """The map for this tokenizer pair, read from the crosskd cache or built once and written there.
+
+    `teacher_valid_mask` is `VocabFacts.valid_mask` of the teacher: bool [teacher logit size], False for padded ids.
+    """
+    key = first_token_map_key(student_tokenizer, teacher_tokenizer, teacher_valid_mask)
+    path = first_token_map_path(key, cache_dir)
+    if path.is_file():
+        table = np.load(path)
+    else:
+        table = build_first_token_table(student_tokenizer, teacher_tokenizer, teacher_valid_mask.numpy())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Write then rename, so a concurrent reader never loads a half-written file.
+        partial = path.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(partial, table)
+        os.replace(partial, path)
+    return FirstTokenMap(torch.from_numpy(table).long(), student_vocab_size, key)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building the map
+
+
+def build_first_token_table(student_tokenizer, teacher_tokenizer, teacher_valid_mask: np.ndarray) -> np.ndarray:
+    """int64 [teacher logit size]: for each teacher id, the first student token of the student's tokenisation of its
+    bytes; UNMAPPED for special tokens, padded ids and ids without bytes."""
+    table = np.full(teacher_valid_mask.shape[0], UNMAPPED, dtype=np.int64)
+    teacher_bytes = token_bytes_table(teacher_tokenizer)
+    mapped_ids = [
+        teacher_id
+        for teacher_id, token in enumerate(teacher_bytes)
+        if token is not None and teacher_id < table.shape[0] and teacher_valid_mask[teacher_id]
+    ]
+    first_ids = first_student_tokens(student_tokenizer, [teacher_bytes[i] for i in mapped_ids])
+    table[mapped_ids] = first_ids
+    return table
+
+
+def first_student_tokens(student_tokenizer, byte_strings: list[bytes]) -> list[int]:
+    """The first token of the student's mid-text tokenisation of each byte string (none may be empty)."""
+    backend = mid_text_tokenizer(student_tokenizer)
+    student_bytes = token_bytes_table(student_tokenizer)
+    byte_level = _is_byte_level(backend)
+    texts, text_slots, first_ids = [], [], [0] * len(byte_strings)
+    for slot, raw in enumerate(byte_strings):
+        try:
+            texts.append(raw.decode("utf-8"))
+            text_slots.append(slot)
+        except UnicodeDecodeError:
+            first_ids[slot] = _first_token_of_partial_utf8(backend, raw, byte_level, student_bytes)
+    # One Rust batch call for the ~99% of tokens that are whole characters: this is what keeps the build fast.
+    for slot, encoding in zip(text_slots, backend.encode_batch(texts, add_special_tokens=False)):
+        first_ids[slot] = _first_token_id(encoding.ids, encoding.offsets)
+    return first_ids
+
+
+def mid_text_tokenizer(tokenizer):
+    """A copy of the student's Rust tokenizer that tokenises a fragment as if it stood in the middle of a text.
+
+    Teacher tokens are fragments: 'lo' in 'hello' must not become '▁lo', which a SentencePiece-style pipeline would
+    produce by prepending its word marker to the start of the text. So prefix-space/prepend settings are turned off.
+    """
+    from tokenizers import Tokenizer
+
+    pipeline = json.loads(tokenizer.backend_tokenizer.to_str())
+    pipeline["normalizer"] = _without_prepend(pipeline.get("normalizer"))
+    pipeline["pre_tokenizer"] = _without_prepend(pipeline.get("pre_tokenizer"))
+    pipeline["post_processor"] = None
+    return Tokenizer.from_str(json.dumps(pipeline))
+
+
+def _without_prepend(component):
+    """The component with every 'prepend a word marker to the text' setting off (recursing into Sequences)."""
+    if component is None:
+        return None
+    if component.get("type") == "Sequence":
+        key = "normalizers" if "normalizers" in component else "pretokenizers"
+        parts = [_without_prepend(part) for part in component[key]]
+        return {**component, key: [part for part in parts if part is not None]}
+    if component.get("type") == "Prepend":
+        return None
+    settings = dict(component)
+    if "prepend_scheme" in settings:
+        settings["prepend_scheme"] = "never"
+    if "add_prefix_space" in settings:
+        settings["add_prefix_space"] = False
+    return settings
+
+
+def _is_byte_level(backend) -> bool:
+    pipeline = json.loads(backend.to_str())
+    return '"ByteLevel"' in json.dumps(pipeline.get("pre_tokenizer")) + json.dumps(pipeline.get("decoder"))
+
+
+def _first_token_of_partial_utf8(backend, raw: bytes, byte_level: bool, student_bytes: list[bytes | None]) -> int:
+    """First student token for bytes that are not valid UTF-8: a character cut by the teacher's byte-level BPE.
+
+    Such bytes cannot be passed as text. The student would have seen them inside the whole character:
+    - a byte-level student BPEs the byte-level characters of those bytes: apply its BPE model to them directly.
+      The regex pre-tokenizer never splits inside a character, so the cut character belongs to the same chunk as
+      what precedes it, unless the valid text before it already splits into several chunks; then the first chunk
+      alone decides the first token.
+    - any other student (byte fallback) spells a character it lacks as one token per byte. The valid text before
+      the cut character decides the first token if there is any; otherwise it is the byte token of the first byte.
+    """
+    valid_prefix = _longest_valid_utf8_prefix(raw)
+    if byte_level:
+        chunks = backend.pre_tokenizer.pre_tokenize_str(valid_prefix.decode("utf-8")) if valid_prefix else []
+        first_chunk = chunks[0][0] if len(chunks) >= 2 else _byte_level_string(raw)
+        return _first_bpe_token(backend, first_chunk)
+    if valid_prefix:
+        encoding = backend.encode(valid_prefix.decode("utf-8"), add_special_tokens=False)
+        return _first_token_id(encoding.ids, encoding.offsets)
+    return _single_byte_token(student_bytes, raw[0])
+
+
+def _first_token_id(ids: list[int], offsets: list[tuple[int, int]]) -> int:
+    # A BPE without an unknown token silently drops characters it lacks: the reference student has no token for a
+    # few control bytes (0x04, 0x06, ...) nor for the bytes that never occur in UTF-8 (0xC0, 0xC1, 0xF5-0xFF). The
+    # student cannot emit text starting with those, so such a teacher token stays unmapped rather than being mapped
+    # to whatever token follows the dropped character.
+    if not ids or offsets[0][0] != 0:
+        return UNMAPPED
+    return ids[0]
+
+
+def _first_bpe_token(backend, byte_level_chunk: str) -> int:
+    tokens = backend.model.tokenize(byte_level_chunk)
+    return _first_token_id([token.id for token in tokens], [token.offsets for token in tokens])
+
+
+def _longest_valid_utf8_prefix(raw: bytes) -> bytes:
+    try:
+        raw.decode("utf-8")
+        return raw
+    except UnicodeDecodeError as error:
+        return raw[: error.start]
+
+
+def _byte_level_string(raw: bytes) -> str:
+    """GPT-2's byte-to-printable-character spelling, the alphabet a byte-level BPE's vocabulary is written in."""
+    byte_to_unicode = {byte: char for char, byte in _gpt2_unicode_to_byte().items()}
+    return "".join(byte_to_unicode[b] for b in raw)
+
+
+def _single_byte_token(student_bytes: list[bytes | None], byte: int) -> int:
+    target = bytes([byte])
+    for student_id, token in enumerate(student_bytes):
+        if token == target:
+            return student_id
+    raise ValueError(f"the student has no token for the single byte {byte:#04x}, so cut characters cannot be mapped")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pushing the teacher's top-k through the map
+
+
+def push_topk_through_map(topk: TopKTarget, teacher_to_student: Tensor) -> MappedTarget:
+    """The teacher's top-k pushed onto the student vocabulary: scatter-add of each row's top-k probabilities onto the
+    student ids they map to, so duplicates merge into one atom.
+
+    Top-k ids that map to no student token (UNMAPPED) add their mass to the tail atom, so the target keeps its total
+    mass. Each row's distinct student ids come first; the remaining slots are masked out.
+    """
+    mapped = teacher_to_student.to(topk.ids.device)[topk.ids]
+    is_mapped = mapped != UNMAPPED
+    probs = upcast(topk.logp).exp()
+    # Sorting puts equal student ids next to each other, unmapped ones last (largest key); each run of equal ids
+    # becomes one output slot, numbered by the running count of run starts.
+    sort_key = mapped.masked_fill(~is_mapped, _AFTER_EVERY_ID)
+    sorted_key, order = sort_key.sort(dim=-1)
+    sorted_mapped = sorted_key != _AFTER_EVERY_ID
+    sorted_probs = probs.gather(-1, order).masked_fill(~sorted_mapped, 0.0)
+    starts_run = torch.ones_like(sorted_mapped)
+    starts_run[:, 1:] = sorted_key[:, 1:] != sorted_key[:, :-1]
+    slot = starts_run.long().cumsum(dim=-1) - 1
+    merged_probs = torch.zeros_like(probs).scatter_add(-1, slot, sorted_probs)
+    ids = torch.zeros_like(topk.ids).scatter(-1, slot, sorted_key.masked_fill(~sorted_mapped, 0))
+    mask = torch.zeros_like(sorted_mapped).scatter(-1, slot, sorted_mapped)
+    # Empty slots take log(1) rather than log(0): they are masked anyway, and a -inf there would turn a zero gradient
+    # into NaN (0 * inf) in the backward of log.
+    merged_logp = merged_probs.masked_fill(~mask, 1.0).log()
+    unmapped_logmass = logsumexp_or_neginf(upcast(topk.logp).masked_fill(is_mapped, -math.inf))
+    tail_logmass = logsumexp_or_neginf(torch.stack([upcast(topk.tail_logmass), unmapped_logmass], dim=-1))
+    return MappedTarget(ids=ids, logp=merged_logp, mask=mask, tail_logmass=tail_logmass)
+
+
+def first_token_kd_pairs(pair_student_next_bytes: Tensor, pair_teacher_next_bytes: Tensor) -> Tensor:
+    """bool [P]: aligned pairs whose true next student token the first-token target can describe.
+
+    Where the student's next token runs past the teacher's ('\\n    ' against Qwen's '\\n'), the true token is not
+    the first student token of any likely teacher token, so the mapped target gives it almost no probability
+    (NLL ~26 nats on the reference pair): such pairs are left out of KD (mismatch_policy 'exclude').
+    """
+    return pair_student_next_bytes <= pair_teacher_next_bytes
