@@ -1,0 +1,181 @@
+"""Load a teacher or a student by spec, validated for cross-tokenizer distillation.
+
+A spec is one of:
+- `tiny:teacher` / `tiny:student`: deterministic tiny random models (crosskd.testing.tiny_models), written once under
+  the cache dir;
+- `reference:teacher` / `reference:student`: the reference pair made by `crosskd setup-models`;
+- a path to a `.gguf` file (dequantised on load);
+- a local Hugging Face folder;
+- anything else is a hub id, passed to `from_pretrained` (it must already be in the local Hugging Face cache when
+  there is no network).
+
+The teacher is frozen and in eval mode, in the requested dtype. The student keeps float32 master weights whatever the
+compute dtype; `LoadedModel.compute_dtype` is what its forward pass should autocast to.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from crosskd.data.encoding import require_fast_tokenizer
+from crosskd.models.moe import is_moe_config
+from crosskd.models.vocab import VocabFacts, detect_vocab_facts, gguf_vocab_record, read_vocab_record
+
+ROLES = ("teacher", "student")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TINY_MODELS_SUBDIR = "tiny-v1"  # bump when crosskd.testing.tiny_models changes, so stale folders are not reused
+
+
+class ModelNotFoundError(OSError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a spec points: `location` is a folder, a hub id or the folder holding `gguf_file`."""
+
+    spec: str
+    location: str
+    gguf_file: str | None = None
+    is_local: bool = True
+
+    def from_pretrained_kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+    def vocab_record(self) -> dict | None:
+        if self.gguf_file:
+            return gguf_vocab_record(Path(self.location) / self.gguf_file)
+        return read_vocab_record(Path(self.location)) if self.is_local else None
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    vocab: VocabFacts
+    is_moe: bool
+    spec: str
+    compute_dtype: torch.dtype
+
+
+def resolve_spec(spec: str | os.PathLike) -> ModelSource:
+    spec = str(spec)
+    prefix, _, role = spec.partition(":")
+    if prefix in ("tiny", "reference") and role:
+        if role not in ROLES:
+            raise ValueError(f"unknown model spec {spec!r}: use {prefix}:teacher or {prefix}:student")
+        return ModelSource(spec, str(_named_pair_dir(prefix, role)))
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(spec, str(path.parent.resolve()), gguf_file=path.name)
+    if path.is_dir():
+        return ModelSource(spec, str(path.resolve()))
+    # Hub ids look like "org/name", so only these forms are surely paths.
+    if path.exists() or spec.endswith(".gguf") or spec.startswith((".", "/", "~")):
+        raise ModelNotFoundError(
+            f"model spec {spec!r} is a path but not an existing folder or .gguf file; check the path, or run "
+            "`crosskd setup-models` and use reference:teacher / reference:student"
+        )
+    return ModelSource(spec, spec, is_local=False)
+
+
+def _named_pair_dir(prefix: str, role: str) -> Path:
+    from crosskd.models.cache import resolve_cache_dir
+
+    if prefix == "reference":
+        from crosskd.models.reference import reference_model_dirs
+
+        pair = reference_model_dirs()
+        return pair.teacher_dir if role == "teacher" else pair.student_dir
+    from crosskd.testing.tiny_models import materialize_tiny_pair
+
+    teacher_dir, student_dir = materialize_tiny_pair(resolve_cache_dir() / TINY_MODELS_SUBDIR)
+    return teacher_dir if role == "teacher" else student_dir
+
+
+def _from_pretrained(loader, source: ModelSource, **kwargs):
+    try:
+        return loader.from_pretrained(source.location, **source.from_pretrained_kwargs(), **kwargs)
+    except OSError as error:
+        if source.is_local:
+            raise
+        raise ModelNotFoundError(
+            f"could not find model {source.spec!r} locally (it is not a folder or .gguf file, and the Hugging Face "
+            f"hub could not provide it: {str(error).splitlines()[0]}). Pass a local model folder or .gguf file, or run "
+            "`crosskd setup-models` and use reference:teacher / reference:student."
+        ) from error
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Give a tokenizer without a pad token an existing token to pad with: eos, else another special token.
+
+    Never adds a token: a new id would need a new embedding row, silently changing the model.
+    """
+    if tokenizer.pad_token is not None:
+        return
+    candidates = [tokenizer.eos_token, tokenizer.unk_token, tokenizer.bos_token, *tokenizer.all_special_tokens]
+    existing = next((token for token in candidates if token is not None), None)
+    if existing is None:
+        raise ValueError(
+            f"the tokenizer ({type(tokenizer).__name__}) has no pad token and no eos or other special token to pad "
+            "with; add one to the tokenizer and resize the model's embeddings, then save and load that folder"
+        )
+    tokenizer.pad_token = existing
+
+
+def load_tokenizer(spec: str | os.PathLike, role: str = "tokenizer"):
+    """A fast tokenizer (offsets are required for alignment) with a pad token set."""
+    return _load_tokenizer(resolve_spec(spec), role)
+
+
+def _load_tokenizer(source: ModelSource, role: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer, source)
+    require_fast_tokenizer(tokenizer, role=f"{role} tokenizer of {source.spec!r}")
+    ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def load_model(spec: str | os.PathLike, role: str, dtype: str = "float32") -> LoadedModel:
+    """Load a teacher (frozen, eval, in `dtype`) or a student (trainable, float32 master weights)."""
+    from transformers import AutoModelForCausalLM
+
+    if role not in ROLES:
+        raise ValueError(f"role must be 'teacher' or 'student', got {role!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    source = resolve_spec(spec)
+    tokenizer = _load_tokenizer(source, role)
+    compute_dtype = DTYPES[dtype]
+    load_dtype = compute_dtype if role == "teacher" else torch.float32
+    model = _from_pretrained(AutoModelForCausalLM, source, dtype=load_dtype)
+    model.to(load_dtype)  # GGUF loading may dequantise to another dtype than asked
+    if role == "teacher":
+        model.eval()
+        model.requires_grad_(False)
+    else:
+        model.train()
+        model.requires_grad_(True)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+    logit_size = model.get_output_embeddings().weight.shape[0]
+    if len(tokenizer) > logit_size:
+        raise ValueError(
+            f"the {role} tokenizer of {source.spec!r} has {len(tokenizer)} tokens but the model only {logit_size} "
+            "output logits: tokenizer and model do not belong together"
+        )
+    vocab = detect_vocab_facts(tokenizer, logit_size, source.vocab_record())
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        vocab=vocab,
+        is_moe=is_moe_config(model.config),
+        spec=source.spec,
+        compute_dtype=compute_dtype,
+    )
