@@ -46,6 +46,10 @@ class MappedTarget:
     mask: Tensor
     tail_logmass: Tensor
 
+    def select(self, index: Tensor | slice) -> MappedTarget:
+        """The target at the positions ``index``."""
+        return select_positions(self, index)
+
 
 @dataclass(frozen=True)
 class TopKTarget:
@@ -59,6 +63,10 @@ class TopKTarget:
     ids: Tensor
     logp: Tensor
     tail_logmass: Tensor
+
+    def select(self, index: Tensor | slice) -> TopKTarget:
+        """The target at the positions ``index``."""
+        return select_positions(self, index)
 
     def as_support(self) -> MappedTarget:
         """The same target as a support for a student that shares the teacher's vocabulary."""
@@ -140,6 +148,11 @@ def _support_indicator(support_ids: Tensor, support_mask: Tensor, vocab_size: in
     redirected = support_ids.masked_fill(~support_mask, vocab_size)
     indicator = torch.zeros(len(support_ids), vocab_size + 1, dtype=torch.bool, device=support_ids.device)
     return indicator.scatter_(-1, redirected, True)[:, :vocab_size]
+
+
+def support_atoms(student_logits: Tensor, target: MappedTarget, temperature: float) -> tuple[Tensor, Tensor]:
+    """(student atoms, teacher atoms) on the target's support at ``temperature``: what a divergence compares."""
+    return student_atoms(student_logits, target.ids, target.mask, temperature), target_atoms(target, temperature)
 
 
 def student_atoms(student_logits: Tensor, support_ids: Tensor, support_mask: Tensor, temperature: float) -> Tensor:

@@ -1,0 +1,142 @@
+"""The student's LM cross-entropy and its distillation term, fused over chunks of positions.
+
+The student's logits are never built for the whole batch: for each chunk of positions the logits are computed
+from the final hidden states and the output embedding in float32, both losses are taken from that one chunk,
+and ``torch.utils.checkpoint`` discards the chunk so that backward recomputes it instead of keeping every
+chunk's logits alive. Peak memory is therefore a few [chunk, V] float32 buffers, forward and backward.
+
+Everything returns sums with their counts: the trainer divides by counts over the whole accumulated batch
+(all micro-batches, all processes), which a per-micro-batch mean would get wrong.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from crosskd.losses.chunking import DEFAULT_CHUNK_ROWS, chunk_slices, upcast
+from crosskd.losses.divergences import Divergence, get_divergence
+from crosskd.losses.target import MappedTarget, support_atoms
+
+IGNORE_INDEX = -100
+
+#: (student logits of some positions [p, V] float32, the target at those positions) -> (sum over them, count).
+KDLossSum = Callable[[Tensor, Any], tuple[Tensor, int]]
+
+
+class LossSums(NamedTuple):
+    lm_sum: Tensor
+    lm_count: int
+    kd_sum: Tensor
+    kd_count: int
+
+
+def divergence_loss_sum(
+    student_logits: Tensor, target: MappedTarget, divergence: Divergence, temperature: float
+) -> tuple[Tensor, int]:
+    """Sum over positions of ``divergence`` between the student's and the teacher's atoms at ``temperature``."""
+    student, teacher = support_atoms(student_logits, target, temperature)
+    return divergence(student, teacher).sum(), len(student_logits)
+
+
+def _empty_sum(hidden: Tensor) -> Tensor:
+    # A zero that is still part of the graph, so backward works (and gives zero gradients) when nothing counts.
+    return upcast(hidden[:0]).sum()
+
+
+def _chunk_sums(
+    hidden: Tensor,
+    head_weight: Tensor,
+    lm_targets: Tensor,
+    kd_local_rows: Tensor,
+    kd_target: Any,
+    kd_loss_sum: KDLossSum | None,
+) -> tuple[Tensor, Tensor, int]:
+    logits = F.linear(upcast(hidden), upcast(head_weight))
+    # reduction="sum" over a chunk whose targets are all ignored is 0, where "mean" would be 0/0.
+    lm_sum = F.cross_entropy(logits, lm_targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    if len(kd_local_rows) == 0:
+        return lm_sum, _empty_sum(hidden), 0
+    kd_sum, kd_count = kd_loss_sum(logits[kd_local_rows], kd_target)
+    return lm_sum, kd_sum, kd_count
+
+
+def fused_chunked_losses(
+    hidden: Tensor,
+    head_weight: Tensor,
+    lm_targets: Tensor,
+    kd_rows: Tensor,
+    kd_target: Any,
+    kd_loss_sum: KDLossSum | None,
+    chunk_size: int = DEFAULT_CHUNK_ROWS,
+) -> LossSums:
+    """LM cross-entropy on rows with a target, and ``kd_loss_sum`` on ``kd_rows``, one chunk of logits at a time.
+
+    hidden [N, H] and head_weight [V, H] give the logits; lm_targets [N] (IGNORE_INDEX = not counted);
+    kd_rows [P] row indices into N whose targets are ``kd_target`` positions 0..P-1 (anything with ``select``).
+    Only rows used by either term are computed, each once.
+    """
+    if len(kd_rows) and (kd_target is None or kd_loss_sum is None):
+        raise ValueError("kd_rows given without a kd_target and kd_loss_sum")
+    if kd_target is not None and len(kd_target.ids) != len(kd_rows):
+        raise ValueError(f"kd_target has {len(kd_target.ids)} positions but kd_rows has {len(kd_rows)}")
+    lm_rows = (lm_targets != IGNORE_INDEX).nonzero().squeeze(-1)
+    rows = torch.cat([lm_rows, kd_rows]).unique()  # sorted
+    kd_slots = torch.searchsorted(rows, kd_rows)  # where each KD row sits in `rows`
+    lm_sum = kd_sum = _empty_sum(hidden)
+    kd_count = 0
+    for chunk in chunk_slices(len(rows), chunk_size):
+        kd_here = ((kd_slots >= chunk.start) & (kd_slots < chunk.stop)).nonzero().squeeze(-1)
+        chunk_rows = rows[chunk]
+        chunk_lm, chunk_kd, chunk_kd_count = checkpoint(
+            _chunk_sums,
+            hidden[chunk_rows],
+            head_weight,
+            lm_targets[chunk_rows],
+            kd_slots[kd_here] - chunk.start,
+            kd_target.select(kd_here) if len(kd_here) else None,
+            kd_loss_sum,
+            use_reentrant=False,
+        )
+        lm_sum = lm_sum + chunk_lm
+        kd_sum = kd_sum + chunk_kd
+        kd_count += chunk_kd_count
+    return LossSums(lm_sum, len(lm_rows), kd_sum, kd_count)
+
+
+def chunked_cross_entropy(
+    hidden: Tensor, head_weight: Tensor, targets: Tensor, chunk_size: int = DEFAULT_CHUNK_ROWS
+) -> tuple[Tensor, int]:
+    """(sum of the cross-entropy over rows whose target is not IGNORE_INDEX, number of such rows)."""
+    no_kd = torch.empty(0, dtype=torch.int64, device=targets.device)
+    sums = fused_chunked_losses(hidden, head_weight, targets, no_kd, None, None, chunk_size)
+    return sums.lm_sum, sums.lm_count
+
+
+def chunked_lm_and_kd(
+    hidden: Tensor,
+    head_weight: Tensor,
+    lm_targets: Tensor,
+    kd_rows: Tensor,
+    kd_target: MappedTarget,
+    temperature: float,
+    divergence: Divergence | str,
+    chunk_size: int = DEFAULT_CHUNK_ROWS,
+    scale_by_t2: bool = True,
+) -> LossSums:
+    """LM cross-entropy plus ``divergence`` between student and teacher atoms on the (mapped) support.
+
+    ``divergence`` is a divergence from :func:`get_divergence` or its name. With ``scale_by_t2`` the KD sum is
+    multiplied by temperature**2, which keeps its gradient on the same scale whatever the temperature.
+    """
+    if isinstance(divergence, str):
+        divergence = get_divergence(divergence)
+    kd_loss_sum = functools.partial(divergence_loss_sum, divergence=divergence, temperature=temperature)
+    sums = fused_chunked_losses(hidden, head_weight, lm_targets, kd_rows, kd_target, kd_loss_sum, chunk_size)
+    return sums._replace(kd_sum=sums.kd_sum * temperature**2) if scale_by_t2 else sums

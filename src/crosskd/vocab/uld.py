@@ -1,0 +1,63 @@
+"""Universal Logit Distillation (Boizard et al. 2024): compare sorted probability vectors, not tokens.
+
+Teacher and student vocabularies need no mapping: at each aligned position both distributions are sorted by
+decreasing probability and compared rank by rank with an L1 distance (the Wasserstein-1 distance between the
+sorted vectors, as in the paper). It is a distance of its own, never combined with the divergences.
+
+Top-k truncation and temperature follow the same definition as every other strategy (docs/OBJECTIVE.md):
+the teacher's K + 1 atoms from its cached top-k, and the student's own top-K plus its remaining mass, both
+tempered over their K + 1 atoms. The two tail atoms are compared with each other rather than sorted into
+the ranks, because a tail is the mass of many tokens, not the probability of one. Ranks the student lacks
+(a vocabulary smaller than K) are zero, the paper's padding.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from crosskd.losses.chunking import DEFAULT_CHUNK_ROWS
+from crosskd.losses.lm import LossSums, fused_chunked_losses
+from crosskd.losses.target import TopKTarget, student_atoms, target_atoms
+
+
+def uld_per_position(student_logits: Tensor, teacher_topk: TopKTarget, temperature: float) -> Tensor:
+    """ULD distance at each position: student logits [P, Vs] and the teacher's top-k -> [P]."""
+    k = teacher_topk.ids.shape[-1]
+    student_k = min(k, student_logits.shape[-1])
+    # The order at tau = 1 is the order at any tau, and topk returns it sorted.
+    student_top_ids = student_logits.topk(student_k, dim=-1).indices
+    student_p = student_atoms(student_logits, student_top_ids, torch.ones_like(student_top_ids, dtype=torch.bool),
+                              temperature).exp()
+    teacher_p = target_atoms(teacher_topk, temperature).exp()
+    # A cached top-k need not be sorted; sorting K values is cheap.
+    teacher_ranks = teacher_p[:, :-1].sort(dim=-1, descending=True).values
+    student_ranks = F.pad(student_p[:, :-1], (0, k - student_k))
+    tail_gap = (teacher_p[:, -1] - student_p[:, -1]).abs()
+    return (teacher_ranks - student_ranks).abs().sum(-1) + tail_gap
+
+
+def uld_loss_sum(student_logits: Tensor, teacher_topk: TopKTarget, temperature: float) -> tuple[Tensor, int]:
+    """(sum of the ULD distance over positions, number of positions); fits the fused chunk loop as a KD term."""
+    return uld_per_position(student_logits, teacher_topk, temperature).sum(), len(student_logits)
+
+
+def chunked_lm_and_uld(
+    hidden: Tensor,
+    head_weight: Tensor,
+    lm_targets: Tensor,
+    kd_rows: Tensor,
+    teacher_topk: TopKTarget,
+    temperature: float,
+    chunk_size: int = DEFAULT_CHUNK_ROWS,
+) -> LossSums:
+    """LM cross-entropy plus the ULD distance at ``kd_rows``, one chunk of student logits at a time.
+
+    No temperature**2 factor: that is a convention for KL-type divergences (Hinton et al.); the ULD paper
+    uses none, and the term's scale is set by its weight in the config.
+    """
+    kd_loss_sum = functools.partial(uld_loss_sum, temperature=temperature)
+    return fused_chunked_losses(hidden, head_weight, lm_targets, kd_rows, teacher_topk, kd_loss_sum, chunk_size)
