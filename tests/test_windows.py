@@ -8,11 +8,15 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 from crosskd.data import stdlib
+from crosskd.data.alignment import AlignedPairs
+from crosskd.data.collate import collate_windows
 from crosskd.data.encoding import token_bytes_table
 from crosskd.data.sources import Document
 from crosskd.data.windows import (
+    DualWindow,
     dual_windows,
     protocol_documents,
     protocol_train_windows,
@@ -155,3 +159,45 @@ def test_protocol_train_windows_follow_the_protocol():
     ints = np.array(expected[: 3 * 64], dtype=np.int64)
     little_endian_int32 = b"".join(int(v).to_bytes(4, "little", signed=True) for v in ints)
     assert window_ids_sha256(windows) == hashlib.sha256(little_endian_int32).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Collation
+
+
+def test_collate_windows_shifts_targets_pads_the_teacher_and_flattens_pairs():
+    student, teacher = tiny_tokenizer("bpe300"), tiny_tokenizer("bpe700")
+    windows = list(itertools.islice(dual_windows(_documents(), student, teacher, window_tokens=24), 3))
+    assert len({len(w.teacher_ids) for w in windows}) > 1  # the teacher rows really need padding
+    batch = collate_windows(windows, teacher_pad_id=5)
+
+    assert batch.student_input_ids.shape == batch.student_targets.shape == (3, 24)
+    assert batch.student_targets[:, :-1].tolist() == batch.student_input_ids[:, 1:].tolist()
+    assert (batch.student_targets[:, -1] == -100).all()
+    assert batch.student_attention_mask.all()
+    width = max(len(w.teacher_ids) for w in windows)
+    assert batch.teacher_input_ids.shape == batch.teacher_attention_mask.shape == (3, width)
+    for row, window in enumerate(windows):
+        length = len(window.teacher_ids)
+        assert batch.teacher_input_ids[row, :length].tolist() == window.teacher_ids.tolist()
+        assert (batch.teacher_input_ids[row, length:] == 5).all()
+        assert batch.teacher_attention_mask[row].sum() == length
+        in_row = batch.pair_batch == row
+        assert batch.pair_student_pos[in_row].tolist() == window.pairs.student_pos.tolist()
+        assert batch.pair_teacher_pos[in_row].tolist() == window.pairs.teacher_pos.tolist()
+        assert batch.pair_teacher_next_bytes[in_row].tolist() == window.pairs.teacher_next_bytes.tolist()
+        assert batch.pair_student_next_bytes[in_row].tolist() == window.pairs.student_next_bytes.tolist()
+    assert batch.text_bytes.tolist() == [w.text_bytes for w in windows]
+    moved = batch.to("cpu")
+    assert all(tensor.dtype == torch.int64 for tensor in vars(moved).values())
+
+
+def test_collate_masks_student_padding_in_targets():
+    no_pairs = AlignedPairs(*(np.zeros(0, dtype=np.int64) for _ in range(4)))
+    short = DualWindow(np.array([3, 4]), np.array([7]), no_pairs, 2)
+    full = DualWindow(np.array([3, 4, 5]), np.array([7, 8]), no_pairs, 3)
+    batch = collate_windows([short, full], teacher_pad_id=0)
+    assert batch.student_targets.tolist() == [[4, -100, -100], [4, 5, -100]]
+    assert batch.student_attention_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    with pytest.raises(ValueError, match="no windows"):
+        collate_windows([], teacher_pad_id=0)
