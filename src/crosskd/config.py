@@ -84,7 +84,7 @@ class ScheduleConfig:
     use_curriculum: bool = True
     temperature_start: float = 2.0
     temperature_end: float = 1.5
-    kd_warmup_start: float = 0.1  # KD weight at p = 0, as a fraction of kd_alpha
+    kd_warmup_start: float = 0.1  # KD weight at p = 0 as a fraction of kd_alpha, reached in full at the end progress
     kd_warmup_end_progress: float = 0.2
 
 

@@ -72,3 +72,40 @@ def bits_per_byte(model, tokenizer, text: str, window: int = BPB_WINDOW_TOKENS, 
         scored_tokens=int(tokens.item()),
         scored_bytes=int(nbytes.item()),
     )
+
+
+def _load_for_cli(spec: str):
+    """A model folder, GGUF file or crosskd checkpoint's exported student, with its tokenizer."""
+    from crosskd.models.loading import load_model
+
+    return load_model(spec, "student")
+
+
+def cli_eval(args) -> int:
+    from crosskd.data.stdlib import heldout_text
+
+    loaded = _load_for_cli(args.model)
+    if args.text_file:
+        from pathlib import Path
+
+        path = Path(args.text_file)
+        if not path.is_file():
+            raise SystemExit(f"crosskd eval: {path} does not exist; pass a UTF-8 text file with --text-file")
+        text = path.read_text(encoding="utf-8", errors="replace")
+    else:
+        text = heldout_text()
+    result = bits_per_byte(loaded.model, loaded.tokenizer, text)
+    print(
+        f"{args.model}: bits per byte {result.bits_per_byte:.4f}, perplexity {result.perplexity:.3f} "
+        f"({result.scored_tokens} tokens, {result.scored_bytes} bytes scored)"
+    )
+    return 0
+
+
+def cli_generate(args) -> int:
+    loaded = _load_for_cli(args.model)
+    inputs = loaded.tokenizer(args.prompt, return_tensors="pt")
+    with torch.no_grad():
+        output = loaded.model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(loaded.tokenizer.decode(output[0], skip_special_tokens=True))
+    return 0

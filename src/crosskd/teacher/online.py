@@ -1,0 +1,55 @@
+"""The teacher signal computed online: one frozen forward per batch, reduced at once to what the objective needs.
+
+The teacher's logits are never materialised for the whole batch: its final hidden states are gathered at the aligned
+positions and pushed through its output layer a chunk at a time, keeping only the top-k at τ=1 (losses/target.py).
+A cached teacher (teacher/cache.py) serves the same `TeacherSignal`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from crosskd.losses.chunking import chunk_slices
+from crosskd.losses.target import TopKTarget, teacher_topk
+
+
+@dataclass
+class TeacherSignal:
+    topk: TopKTarget  # the teacher's top-k at τ=1 and tail mass, at the aligned pairs, in the teacher's vocabulary
+    final_hidden: Tensor  # [P, H_t] the teacher's last hidden state (after its final norm) at the aligned pairs
+    hidden_states: tuple[Tensor, ...] | None = None  # every layer [B, M, H_t], when a feature term needs them
+    attentions: tuple[Tensor, ...] | None = None  # [B, heads, M, M] per layer, when attention alignment is on
+
+
+class OnlineTeacher:
+    def __init__(self, model, valid_mask: Tensor, top_k: int, chunk_size: int):
+        self.model = model
+        self.valid_mask = valid_mask
+        self.top_k = top_k
+        self.chunk_size = chunk_size
+
+    @torch.no_grad()  # not inference_mode: the signal's tensors serve as targets inside autograd graphs
+    def signal(self, batch, hidden_states: bool = False, attentions: bool = False) -> TeacherSignal:
+        outputs = self.model.base_model(
+            input_ids=batch.teacher_input_ids,
+            attention_mask=batch.teacher_attention_mask,
+            output_hidden_states=hidden_states,
+            output_attentions=attentions,
+        )
+        final = outputs.last_hidden_state[batch.pair_batch, batch.pair_teacher_pos]
+        head = self.model.get_output_embeddings()
+        valid_mask = self.valid_mask.to(final.device)
+        chunks = [
+            teacher_topk(head(final[rows]).float(), self.top_k, valid_mask)
+            for rows in chunk_slices(final.shape[0], self.chunk_size)
+        ]
+        ids, logp, tail_logmass = (torch.cat(part) for part in zip(*((c.ids, c.logp, c.tail_logmass) for c in chunks)))
+        return TeacherSignal(
+            topk=TopKTarget(ids, logp, tail_logmass),
+            final_hidden=final,
+            hidden_states=outputs.hidden_states if hidden_states else None,
+            attentions=outputs.attentions if attentions else None,
+        )

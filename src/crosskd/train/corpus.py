@@ -1,0 +1,88 @@
+"""The run's text as the loop sees it: a held-out text, and an endless, deterministic stream of training windows.
+
+Epoch e shuffles the training documents (sorted by name) with `random.Random(seed + e)`: with seed 0 the first epoch
+is exactly the benchmark protocol's window order. The stream is one global sequence of windows; each optimizer step
+takes `batch_size x accumulation x processes` consecutive windows and process p reads its own slice of each
+micro-batch, so the data position of a resumed run is a single number (`windows_consumed`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Iterator
+
+from crosskd.config import DataConfig
+from crosskd.data.collate import DualBatch, collate_windows
+from crosskd.data.encoding import encode_with_byte_spans
+from crosskd.data.sources import Document, load_documents, split_documents
+from crosskd.data.windows import DualWindow, dual_windows
+
+EVAL_WINDOWS = 8  # held-out windows for knowledge-retention metrics
+PREPARATION_WINDOWS = 16  # training windows for fitting what must be sane before step 0 (the projector)
+
+
+class TrainingCorpus:
+    def __init__(self, data: DataConfig, student_tokenizer, teacher_tokenizer, teacher_pad_id: int):
+        self.config = data
+        self.student_tokenizer = student_tokenizer
+        self.teacher_tokenizer = teacher_tokenizer
+        self.teacher_pad_id = teacher_pad_id
+        documents = load_documents(data.source, text_field=data.text_field)
+        train, held_out = split_documents(documents, data.eval_fraction, data.seed, data.heldout_documents)
+        if not train:
+            raise ValueError(f"data.source {data.source!r} leaves no training documents after the held-out split; "
+                             "add documents or reduce data.heldout_documents / data.eval_fraction")
+        self.train_documents = sorted(train, key=lambda document: document.name)
+        self.heldout_documents = _in_requested_order(held_out, data.heldout_documents)
+
+    def eval_text(self) -> str:
+        text = "".join(document.text for document in self.heldout_documents)
+        return text if self.config.eval_max_chars is None else text[: self.config.eval_max_chars]
+
+    def _epoch_documents(self, epoch: int) -> list[Document]:
+        documents = list(self.train_documents)
+        random.Random(self.config.seed + epoch).shuffle(documents)
+        return documents
+
+    def _all_windows(self) -> Iterator[DualWindow]:
+        for epoch in itertools.count():
+            yield from dual_windows(self._epoch_documents(epoch), self.student_tokenizer, self.teacher_tokenizer,
+                                    self.config.window_tokens)
+
+    def count_train_windows(self) -> int:
+        """Windows in one epoch (tokenises the training documents with the student once)."""
+        tokens = sum(len(encode_with_byte_spans(self.student_tokenizer, d.text)) + 1 for d in self.train_documents)
+        return tokens // self.config.window_tokens
+
+    def train_windows(self, start: int, process_index: int, num_processes: int,
+                      batch_size: int) -> Iterator[list[DualWindow]]:
+        """This process's micro-batches, starting after `start` windows of the global stream."""
+        stream = itertools.islice(self._all_windows(), start, None)
+        group = batch_size * num_processes
+        while True:
+            windows = list(itertools.islice(stream, group))
+            yield windows[process_index * batch_size : (process_index + 1) * batch_size]
+
+    def eval_batches(self, batch_size: int, device) -> list[DualBatch]:
+        """A few held-out windows (the start of the held-out text) for knowledge-retention metrics."""
+        documents = [Document("held-out", self.eval_text())]
+        return self._batches(documents, EVAL_WINDOWS, batch_size, device)
+
+    def preparation_batches(self, batch_size: int, device) -> list[DualBatch]:
+        """Training windows from a shuffle of their own (seed - 1), so the first training steps do not repeat them."""
+        documents = list(self.train_documents)
+        random.Random(self.config.seed - 1).shuffle(documents)
+        return self._batches(documents, PREPARATION_WINDOWS, batch_size, device)
+
+    def _batches(self, documents, count: int, batch_size: int, device) -> list[DualBatch]:
+        windows = list(itertools.islice(
+            dual_windows(documents, self.student_tokenizer, self.teacher_tokenizer, self.config.window_tokens), count
+        ))
+        return [collate_windows(windows[i : i + batch_size], self.teacher_pad_id).to(device)
+                for i in range(0, len(windows), batch_size)]
+
+
+def _in_requested_order(documents: list[Document], names: list[str]) -> list[Document]:
+    rank = {name: index for index, name in enumerate(names)}
+    return sorted(documents, key=lambda document: (rank.get(document.name, len(rank)), document.name))

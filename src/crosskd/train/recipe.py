@@ -1,0 +1,394 @@
+"""`crosskd train`: one explicit distillation loop, read top to bottom.
+
+    config -> models -> data -> objective (vocabulary strategy, heads) -> optimizer -> [resume] -> loop:
+        for each optimizer step:
+            weights, temperature = schedules(progress)
+            read the step's micro-batches; count valid positions over all of them and all processes
+            for each micro-batch: teacher signal (no_grad) -> student forward -> loss sums / global counts -> backward
+            unscale, clip; a non-finite loss or gradient skips the step; optimizer + scheduler step
+            log; evaluate; checkpoint
+    -> export the best student (by held-out BPB) as a Hugging Face folder
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+from crosskd.config import Config, load_config
+from crosskd.data.collate import collate_windows
+from crosskd.evaluate import bits_per_byte
+from crosskd.models.loading import load_model
+from crosskd.schedules import loss_weights, temperature
+from crosskd.train.checkpoint import (
+    TrainingState,
+    checkpoint_name,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    restore_rng,
+    save_checkpoint,
+)
+from crosskd.train.corpus import TrainingCorpus
+from crosskd.train.logbook import Logbook, check_sum, format_step_line
+from crosskd.train.objective import DistillationObjective, schedule_settings
+from crosskd.train.precision import MixedPrecision
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (too many non-finite steps, a signal); a checkpoint was written first."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    student_dir: Path
+    steps: int
+    initial_bpb: float
+    final_bpb: float
+    best_bpb: float
+    best_step: int
+    teacher_bpb: float | None
+    nonfinite_skipped: int
+    overflow_skipped: int
+    stopped_early: bool
+
+
+def build_optimizer(config: Config, student: torch.nn.Module, objective: DistillationObjective):
+    """AdamW with one parameter group per kind of parameter, each with its learning-rate multiplier."""
+    opt = config.optimizer
+    groups = [
+        ("student", [p for p in student.parameters() if p.requires_grad], opt.student_lr_multiplier),
+        ("heads", objective.head_parameters(), opt.heads_lr_multiplier),
+        ("projector", objective.projector_parameters(), opt.projector_lr_multiplier),
+    ]
+    param_groups = [
+        {"name": name, "params": params, "lr": opt.lr * multiplier} for name, params, multiplier in groups if params
+    ]
+    return torch.optim.AdamW(param_groups, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
+
+
+def build_scheduler(config: Config, optimizer, total_steps: int):
+    """Warm-up then cosine or constant, counted in optimizer steps (the loop steps it once per optimizer step)."""
+    warmup = config.optimizer.warmup_steps
+    if config.optimizer.scheduler == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup)
+    return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+
+
+def _trainable_state(student: torch.nn.Module, objective: DistillationObjective) -> dict[str, torch.Tensor]:
+    state = {f"student.{name}": p for name, p in student.named_parameters()}
+    state.update({f"objective.{name}": p for name, p in objective.named_parameters() if p.requires_grad})
+    return state
+
+
+def _load_trainable_state(student, objective, tensors: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, parameter in _trainable_state(student, objective).items():
+            if name in tensors:  # tied weights are stored once; their twin shares the memory
+                parameter.copy_(tensors[name])
+
+
+class _SignalGuard:
+    """Turn SIGTERM into an exception so the loop writes an emergency checkpoint before the process ends."""
+
+    def __enter__(self):
+        self.previous = signal.getsignal(signal.SIGTERM)
+
+        def handler(signum, frame):
+            raise TrainingStopped("received SIGTERM")
+
+        try:
+            signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread: leave signals alone
+            self.previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False
+
+
+def train(config: Config, resume: str | None = None, debug: bool = False) -> TrainResult:
+    run_dir = Path(config.output.run_dir)
+    checkpoints_dir = run_dir / "checkpoints"
+    training = config.training
+
+    # --- engine: devices, processes, mixed precision -------------------------------------------------------------
+    # Accumulation is done by hand (below) because per-token losses must be normalised by the valid positions of
+    # the whole accumulated batch, which accelerate's per-micro-batch 1/N scaling cannot do.
+    accelerator = Accelerator(mixed_precision=training.mixed_precision)
+    precision = MixedPrecision(accelerator, training.mixed_precision)
+    set_seed(training.seed)
+    main = accelerator.is_main_process
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / "config.yaml")
+
+    # --- models ---------------------------------------------------------------------------------------------------
+    teacher = load_model(config.models.teacher, "teacher", dtype=config.models.teacher_dtype)
+    student = load_model(config.models.student, "student")
+    teacher.model.to(accelerator.device)
+
+    # --- data -----------------------------------------------------------------------------------------------------
+    corpus = TrainingCorpus(config.data, student.tokenizer, teacher.tokenizer, teacher.vocab.pad_id)
+    windows_per_step = training.batch_size * training.gradient_accumulation_steps * accelerator.num_processes
+    total_steps = training.max_steps or training.epochs * max(1, corpus.count_train_windows() // windows_per_step)
+
+    # --- objective and optimizer ---------------------------------------------------------------------------------
+    settings = schedule_settings(config)
+    objective = DistillationObjective(config, teacher, student, settings)
+    if objective.needs_preparation:
+        objective.prepare(corpus.preparation_batches(training.batch_size, accelerator.device), accelerator.device)
+        if main:
+            print(objective.prefit_report.describe(), flush=True)
+    optimizer = build_optimizer(config, student.model, objective)
+    scheduler = build_scheduler(config, optimizer, total_steps)
+    student_model, objective, optimizer = accelerator.prepare(student.model, objective, optimizer)
+    student.model = student_model
+
+    state = TrainingState()
+    if resume:
+        state = _resume(resume, checkpoints_dir, student, objective, optimizer, scheduler, precision)
+
+    # --- evaluation before training -------------------------------------------------------------------------------
+    eval_text = corpus.eval_text()
+    unwrapped_student = accelerator.unwrap_model(student.model)
+    teacher_bpb = bits_per_byte(teacher.model, teacher.tokenizer, eval_text, accelerator=accelerator).bits_per_byte
+    initial = bits_per_byte(unwrapped_student, student.tokenizer, eval_text, accelerator=accelerator)
+    if main:
+        print(f"held-out BPB before: student {initial.bits_per_byte:.4f}, teacher {teacher_bpb:.4f}", flush=True)
+    if state.best_bpb is None:
+        state.best_bpb, state.best_step = initial.bits_per_byte, state.step
+        if main:
+            _save(checkpoints_dir, state, student, objective, optimizer, scheduler, precision, config, accelerator)
+
+    logbook = Logbook(run_dir, total_steps, config.output.tensorboard, enabled=main, initial_step=state.step)
+    windows = corpus.train_windows(start=state.windows_consumed, process_index=accelerator.process_index,
+                                   num_processes=accelerator.num_processes, batch_size=training.batch_size)
+    stopped_early = False
+    tokens_since_log, time_since_log = 0, time.perf_counter()
+    try:
+        with _SignalGuard():
+            while state.step < total_steps:
+                progress = state.step / total_steps
+                weights = loss_weights(progress, settings)
+                tau = temperature(progress, settings)
+
+                # Read the whole step first: normalisers must count every micro-batch on every process.
+                micro_batches = [
+                    collate_windows(next(windows), teacher.vocab.pad_id).to(accelerator.device)
+                    for _ in range(training.gradient_accumulation_steps)
+                ]
+                state.windows_consumed += windows_per_step
+                counts = objective.count_positions(micro_batches, accelerator)
+
+                optimizer.zero_grad(set_to_none=True)
+                step_total = torch.zeros((), device=accelerator.device)
+                step_components: dict[str, float] = {}
+                for index, batch in enumerate(micro_batches):
+                    last = index == len(micro_batches) - 1
+                    sync = contextlib.nullcontext() if last else accelerator.no_sync(student.model)
+                    with sync:
+                        with precision.autocast():
+                            terms = objective(batch, weights, tau)
+                        loss, weighted = objective.combine(terms, counts, weights, len(micro_batches),
+                                                           accelerator.num_processes)
+                        precision.backward(loss)
+                    step_total += loss.detach()
+                    for name, value in weighted.items():
+                        step_components[name] = step_components.get(name, 0.0) + value
+                    tokens_since_log += int(batch.student_attention_mask.sum())
+
+                grad_norm = precision.unscale_and_clip(optimizer, objective.all_trainable(student.model),
+                                                       config.optimizer.grad_clip)
+                total_value = accelerator.reduce(step_total, reduction="mean").item()
+                finite = math.isfinite(total_value) and math.isfinite(float(grad_norm))
+                if finite or precision.scaler is not None:
+                    # With a loss scaler, inf gradients are the scaler's business: it skips and halves its scale.
+                    outcome = precision.step(optimizer)
+                    if outcome.overflow:
+                        state.overflow_skipped += 1
+                if not finite and precision.scaler is None:
+                    state.nonfinite_skipped += 1
+                    state.consecutive_nonfinite += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    logbook.line(f"step {state.step + 1}: non-finite loss ({total_value}) or gradient norm "
+                                 f"({float(grad_norm)}); step skipped")
+                    if state.consecutive_nonfinite >= training.max_consecutive_nonfinite:
+                        raise TrainingStopped(
+                            f"{state.consecutive_nonfinite} non-finite steps in a row. Likely causes: a learning rate "
+                            "too high for this model, fp16 overflow without a loss scaler (use bf16 or fp32), or a "
+                            "temperature near zero. Lower optimizer.lr or change training.mixed_precision, then "
+                            "resume from the checkpoint just written."
+                        )
+                elif finite:
+                    state.consecutive_nonfinite = 0
+                scheduler.step()
+                state.step += 1
+                logbook.advance()
+
+                if debug:
+                    check_sum(total_value, step_components)
+                    if main:
+                        print({"raw": {k: float(v) for k, v in objective.last_raw.items()},
+                               "weighted": step_components}, flush=True)
+                if state.step % training.log_every == 0 or state.step == total_steps:
+                    elapsed = time.perf_counter() - time_since_log
+                    record = {
+                        "progress": state.step / total_steps,
+                        "total": total_value,
+                        "weighted": step_components,
+                        "temperature": tau,
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm),
+                        "tokens_per_second": tokens_since_log * accelerator.num_processes / max(elapsed, 1e-9),
+                        "nonfinite_skipped": state.nonfinite_skipped,
+                        "overflow_skipped": state.overflow_skipped,
+                        **objective.diagnostics(),
+                    }
+                    logbook.line(format_step_line(state.step, total_steps, record))
+                    flat = {k: v for k, v in record.items() if k != "weighted"}
+                    logbook.record("train", state.step, {**flat, **{f"loss/{k}": v for k, v in step_components.items()}})
+                    tokens_since_log, time_since_log = 0, time.perf_counter()
+
+                due_eval = training.eval_every and state.step % training.eval_every == 0
+                if due_eval or state.step == total_steps:
+                    stop = _evaluate(config, state, objective, corpus, student, teacher, eval_text, weights, tau,
+                                     accelerator, logbook)
+                    improved = state.best_step == state.step
+                    if main and (improved or (training.checkpoint_every and state.step % training.checkpoint_every == 0)
+                                 or state.step == total_steps):
+                        _save(checkpoints_dir, state, student, objective, optimizer, scheduler, precision, config,
+                              accelerator)
+                    if stop:
+                        stopped_early = True
+                        logbook.line(f"early stopping at step {state.step}: no improvement of "
+                                     f"{training.early_stopping.min_delta} BPB in "
+                                     f"{training.early_stopping.patience} evaluations")
+                        break
+                elif main and training.checkpoint_every and state.step % training.checkpoint_every == 0:
+                    _save(checkpoints_dir, state, student, objective, optimizer, scheduler, precision, config,
+                          accelerator)
+    except (Exception, KeyboardInterrupt) as error:
+        if main:
+            path = _save(checkpoints_dir, state, student, objective, optimizer, scheduler, precision, config,
+                         accelerator, emergency=True)
+            print(f"\nstopped at step {state.step}: {error}\nemergency checkpoint: {path}\n"
+                  f"resume with: crosskd train {run_dir / 'config.yaml'} --resume", file=sys.stderr, flush=True)
+        logbook.close()
+        raise
+    logbook.close()
+
+    # --- export the best student, not the last --------------------------------------------------------------------
+    student_dir = run_dir / "student"
+    accelerator.wait_for_everyone()
+    best = checkpoints_dir / checkpoint_name(state.best_step)
+    if main:
+        export_student(best, student, objective, student_dir)
+    final_bpb = state.history[-1]["bpb"] if state.history else initial.bits_per_byte
+    return TrainResult(
+        run_dir=run_dir, student_dir=student_dir, steps=state.step, initial_bpb=initial.bits_per_byte,
+        final_bpb=final_bpb, best_bpb=state.best_bpb, best_step=state.best_step, teacher_bpb=teacher_bpb,
+        nonfinite_skipped=state.nonfinite_skipped, overflow_skipped=state.overflow_skipped,
+        stopped_early=stopped_early,
+    )
+
+
+def _evaluate(config, state, objective, corpus, student, teacher, eval_text, weights, tau, accelerator,
+              logbook) -> bool:
+    """Held-out BPB from the LM loss alone, plus knowledge retention; returns True when early stopping triggers."""
+    unwrapped = accelerator.unwrap_model(student.model)
+    result = bits_per_byte(unwrapped, student.tokenizer, eval_text, accelerator=accelerator)
+    retention = objective.evaluate_retention(corpus.eval_batches(config.training.batch_size, accelerator.device),
+                                             weights, tau, accelerator)
+    record = {"bpb": result.bits_per_byte, "perplexity": result.perplexity, **retention}
+    state.history.append({"step": state.step, **record})
+    logbook.record("eval", state.step, record)
+    logbook.line(f"eval step {state.step}: held-out BPB {result.bits_per_byte:.4f} (ppl {result.perplexity:.3f}); "
+                 + ", ".join(f"{k} {v:.4f}" for k, v in retention.items()))
+    stopping = config.training.early_stopping
+    if result.bits_per_byte < state.best_bpb - stopping.min_delta or (
+        result.bits_per_byte < state.best_bpb and not stopping.enabled
+    ):
+        state.best_bpb, state.best_step = result.bits_per_byte, state.step
+        state.evals_without_improvement = 0
+        return False
+    state.evals_without_improvement += 1
+    return (
+        stopping.enabled
+        and state.step >= stopping.warmup_steps
+        and state.evals_without_improvement >= stopping.patience
+    )
+
+
+def _save(checkpoints_dir, state, student, objective, optimizer, scheduler, precision, config, accelerator,
+          emergency: bool = False) -> Path:
+    unwrapped_student = accelerator.unwrap_model(student.model)
+    unwrapped_objective = accelerator.unwrap_model(objective)
+    folder = checkpoints_dir / (checkpoint_name(state.step) + ("-emergency" if emergency else ""))
+    save_checkpoint(folder, state, _trainable_state(unwrapped_student, unwrapped_objective), optimizer.state_dict(),
+                    scheduler.state_dict(), precision.scaler_state())
+    if not emergency:
+        best = checkpoints_dir / checkpoint_name(state.best_step) if state.best_step is not None else None
+        prune_checkpoints(checkpoints_dir, config.training.keep_checkpoints, protect=best)
+    return folder
+
+
+def _resume(resume, checkpoints_dir, student, objective, optimizer, scheduler, precision) -> TrainingState:
+    if resume == "latest":
+        available = list_checkpoints(checkpoints_dir)
+        if not available:
+            raise FileNotFoundError(f"--resume: no checkpoint under {checkpoints_dir}; start without --resume")
+        folder = available[-1]
+    else:
+        folder = Path(resume)
+    loaded = load_checkpoint(folder)
+    _load_trainable_state(student.model, objective, loaded.trainable)
+    optimizer.load_state_dict(loaded.optimizer)
+    scheduler.load_state_dict(loaded.scheduler)
+    precision.load_scaler_state(loaded.scaler)
+    restore_rng(loaded.rng)
+    print(f"resumed from {folder} at step {loaded.state.step}", flush=True)
+    return loaded.state
+
+
+def export_student(checkpoint: Path, student, objective, out_dir: Path) -> None:
+    """Write the student of `checkpoint` as a plain Hugging Face folder (model + tokenizer), atomically."""
+    import shutil
+
+    loaded = load_checkpoint(checkpoint)
+    model = student.model
+    _load_trainable_state(model, objective, loaded.trainable)
+    temporary = out_dir.parent / f".tmp-{out_dir.name}"
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    model.save_pretrained(temporary)
+    student.tokenizer.save_pretrained(temporary)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    temporary.rename(out_dir)
+
+
+def cli_train(args) -> int:
+    config = load_config(args.config, args.overrides)
+    result = train(config, resume=args.resume, debug=args.debug)
+    teacher = f"{result.teacher_bpb:.4f}" if result.teacher_bpb is not None else "n/a"
+    print(
+        f"\nheld-out bits per byte: student before {result.initial_bpb:.4f} -> best {result.best_bpb:.4f} "
+        f"(step {result.best_step}) | teacher {teacher}\n"
+        f"skipped steps: {result.nonfinite_skipped} non-finite, {result.overflow_skipped} fp16 overflow\n"
+        f"student saved to {result.student_dir} (load with AutoModelForCausalLM.from_pretrained)"
+    )
+    return 0
