@@ -25,7 +25,8 @@ def problem(n_rows=40, hidden_size=8, vocab_size=30, k=5, dtype=torch.float32, s
     targets = torch.randint(0, vocab_size, (n_rows,), generator=torch.Generator().manual_seed(seed + 2))
     targets[::3] = IGNORE_INDEX
     kd_rows = torch.tensor([n_rows - 1, 2, 3, 7, 11, 12, 25, 0])  # unsorted, some with ignored LM targets
-    topk = teacher_topk(randn(len(kd_rows), vocab_size, seed=seed + 3, scale=3.0), k, torch.ones(vocab_size, dtype=torch.bool))
+    teacher_logits = randn(len(kd_rows), vocab_size, seed=seed + 3, scale=3.0)
+    topk = teacher_topk(teacher_logits, k, torch.ones(vocab_size, dtype=torch.bool))
     mask = torch.ones_like(topk.ids, dtype=torch.bool)
     mask[::2, -1] = False  # slots emptied by merging duplicates
     target = MappedTarget(topk.ids, topk.logp.to(dtype), mask, topk.tail_logmass.to(dtype))
@@ -101,8 +102,9 @@ def test_gradcheck_fused_loss_float64():
     logp = target.logp.detach().requires_grad_()
 
     def fused(hidden, head, logp):
-        sums = chunked_lm_and_kd(hidden, head, targets, kd_rows, MappedTarget(target.ids, logp, target.mask, target.tail_logmass),
-                                 1.5, get_divergence("generalized_jsd", beta=0.3), chunk_size=2)
+        with_logp = MappedTarget(target.ids, logp, target.mask, target.tail_logmass)
+        sums = chunked_lm_and_kd(hidden, head, targets, kd_rows, with_logp, 1.5,
+                                 get_divergence("generalized_jsd", beta=0.3), chunk_size=2)
         return sums.lm_sum + sums.kd_sum
 
     assert torch.autograd.gradcheck(fused, (hidden, head, logp))

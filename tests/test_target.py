@@ -139,7 +139,8 @@ def test_masked_slot_sharing_an_id_with_a_real_slot_keeps_that_id_out_of_the_tai
     """A padded slot usually carries id 0; id 0 may also be a real support token, or not on the support at all."""
     z = logits(3, 12, seed=8, dtype=torch.float64)
     p = z.softmax(-1)
-    padded_with_real_zero = student_atoms(z, torch.tensor([[0, 4, 0]] * 3), torch.tensor([[True, True, False]] * 3), 1.0)
+    ids, mask = torch.tensor([[0, 4, 0]] * 3), torch.tensor([[True, True, False]] * 3)
+    padded_with_real_zero = student_atoms(z, ids, mask, 1.0)
     torch.testing.assert_close(padded_with_real_zero[:, 3].exp(), 1 - p[:, [0, 4]].sum(-1))
     padded_only = student_atoms(z, torch.tensor([[4, 0]] * 3), torch.tensor([[True, False]] * 3), 1.0)
     torch.testing.assert_close(padded_only[:, 2].exp(), 1 - p[:, 4])
@@ -155,7 +156,8 @@ def test_repeated_support_ids_are_rejected():
 def test_identical_teacher_and_student_give_zero_at_every_temperature(name, temperature):
     z = logits(12, 80, seed=10)
     target = teacher_topk(z, k=8, valid_mask=all_valid(80)).as_support()
-    value = get_divergence(name)(student_atoms(z, target.ids, target.mask, temperature), target_atoms(target, temperature))
+    student = student_atoms(z, target.ids, target.mask, temperature)
+    value = get_divergence(name)(student, target_atoms(target, temperature))
     torch.testing.assert_close(value, torch.zeros(12), atol=1e-6, rtol=0)
 
 

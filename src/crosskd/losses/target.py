@@ -101,7 +101,9 @@ def _topk_of_chunk(logits: Tensor, k: int, invalid: Tensor) -> tuple[Tensor, Ten
     return top_ids, top_logp, tail_logmass
 
 
-def teacher_topk(teacher_logits: Tensor, k: int, valid_mask: Tensor, chunk_size: int = DEFAULT_CHUNK_ROWS) -> TopKTarget:
+def teacher_topk(
+    teacher_logits: Tensor, k: int, valid_mask: Tensor, chunk_size: int = DEFAULT_CHUNK_ROWS
+) -> TopKTarget:
     """The teacher's top-k target from logits [P, V], one chunk of positions at a time.
 
     ``valid_mask`` (bool [V]) says which teacher ids are real tokens; the others are masked before the
