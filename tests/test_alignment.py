@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import itertools
 
 import numpy as np
@@ -10,6 +11,7 @@ from hypothesis import given, settings
 
 from crosskd.data.alignment import AlignedPairs, align, alignment_rate
 from crosskd.data.encoding import EncodedText, encode_with_byte_spans
+from crosskd.data.report import alignment_report, cli_align_report
 from crosskd.testing import assert_exact_byte_spans, mixed_texts
 from crosskd.testing.tiny_tokenizers import TEST_TOKENIZERS, tiny_tokenizer
 
@@ -106,3 +108,25 @@ def test_alignment_rate_rejects_an_empty_denominator():
     assert alignment_rate(align(_encoded([(0, 1), (1, 2)]), _encoded([(0, 2)])), 1) == 0.0
     with pytest.raises(ValueError, match="must be positive"):
         alignment_rate(align(_encoded([(0, 1)]), _encoded([(0, 1)])), 0)
+
+
+def test_alignment_report_and_its_command(tmp_path, capsys):
+    text = "def f(x):\r\n    return x  # 日本 🎉\n" * 3
+    student, teacher = tiny_tokenizer("sentencepiece400"), tiny_tokenizer("bpe700")
+    report = alignment_report(student, teacher, text)
+    pairs = align(encode_with_byte_spans(student, text), encode_with_byte_spans(teacher, text))
+    assert report.pairs == len(pairs) and 0 < report.rate < 1
+    assert report.rate == len(pairs) / (report.student_tokens - 1)
+
+    folders = {}
+    for role, tokenizer in (("student", student), ("teacher", teacher)):
+        folders[role] = tmp_path / role
+        tokenizer.save_pretrained(folders[role])
+    (tmp_path / "text.txt").write_text(text, encoding="utf-8")
+    args = argparse.Namespace(student=str(folders["student"]), teacher=str(folders["teacher"]), text_file=None)
+    args.text_file = str(tmp_path / "text.txt")
+    assert cli_align_report(args) == 0
+    assert f"alignment rate:  {report.rate:.2%}" in capsys.readouterr().out
+    args.text_file = str(tmp_path / "missing.txt")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cli_align_report(args)

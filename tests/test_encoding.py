@@ -123,3 +123,10 @@ def test_tokens_without_text_are_a_clear_error():
     wrapped = PreTrainedTokenizerFast(tokenizer_object=no_fallback, eos_token="<|endoftext|>")
     with pytest.raises(ValueError, match="stand for no text.*byte-fallback"):
         encode_with_byte_spans(wrapped, "日")
+
+
+def test_typed_metaspace_character_spans_its_three_bytes():
+    tokenizer = sentencepiece_like(400)
+    encoded = encode_with_byte_spans(tokenizer, "a▁b ▁")
+    assert_exact_byte_spans(tokenizer, "a▁b ▁", encoded)
+    assert encoded.byte_ends[-1] == len("a▁b ▁".encode("utf-8"))

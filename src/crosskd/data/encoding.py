@@ -68,6 +68,11 @@ def _pipeline_text(tokenizer) -> dict[str, str]:
     return {part: json.dumps(settings, ensure_ascii=False) for part, settings in parts.items()}
 
 
+def _uses_metaspace(pipeline: dict[str, str]) -> bool:
+    """SentencePiece-style: spaces become '▁' before tokenising (a Metaspace pre-tokenizer or a normalizer)."""
+    return any(METASPACE in pipeline[part] for part in ("normalizer", "pre_tokenizer", "decoder"))
+
+
 def _byte_level_token_bytes(token: str) -> bytes | None:
     table = _gpt2_unicode_to_byte()
     if not all(ch in table for ch in token):
@@ -91,7 +96,7 @@ def token_bytes_table(tokenizer) -> list[bytes | None]:
     require_fast_tokenizer(tokenizer)
     pipeline = _pipeline_text(tokenizer)
     byte_level = '"ByteLevel"' in pipeline["pre_tokenizer"] or '"ByteLevel"' in pipeline["decoder"]
-    metaspace = any(METASPACE in pipeline[part] for part in ("normalizer", "pre_tokenizer", "decoder"))
+    metaspace = _uses_metaspace(pipeline)
     byte_fallback = '"byte_fallback": true' in pipeline["model"]
     added = tokenizer.backend_tokenizer.get_added_tokens_decoder()
     table: list[bytes | None] = []
@@ -123,6 +128,7 @@ class _TokenByteArrays:
     offsets: np.ndarray  # int64 [V]: where token v's bytes start in `flat`
     lengths: np.ndarray  # int64 [V]: byte length of token v, -1 if it stands for no text
     leading_space: np.ndarray  # bool [V]: the token's bytes start with a space (a candidate for Metaspace's prefix)
+    metaspace: bool  # a '▁' typed in the text becomes the same token as a space
 
 
 _BYTE_ARRAYS_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -141,6 +147,7 @@ def _token_byte_arrays(tokenizer) -> _TokenByteArrays:
         offsets=offsets,
         lengths=lengths,
         leading_space=np.array([entry is not None and entry[:1] == b" " for entry in table], dtype=bool),
+        metaspace=_uses_metaspace(_pipeline_text(tokenizer)),
     )
     _BYTE_ARRAYS_CACHE[tokenizer] = arrays
     return arrays
@@ -166,19 +173,33 @@ def encode_with_byte_spans(tokenizer, text: str) -> EncodedText:
         return_attention_mask=False,
     )
     ids = np.asarray(encoding["input_ids"], dtype=np.int64)
-    char_starts = np.asarray(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2)[:, 0]
-    text_bytes = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    char_spans = np.asarray(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2)
     arrays = _token_byte_arrays(tokenizer)
+    # A Metaspace tokenizer reads a typed '▁' as a space: its tokens are checked against the text seen that way, and
+    # each typed '▁' a token covers then widens its span from 1 to 3 bytes.
+    typed_metaspaces = arrays.metaspace and METASPACE in text
+    seen_text = text.replace(METASPACE, " ") if typed_metaspaces else text
+    seen_bytes = np.frombuffer(seen_text.encode("utf-8"), dtype=np.uint8)
     lengths = arrays.lengths[ids]
     _require_text_tokens(tokenizer, ids, lengths)
-    first_used_byte = arrays.offsets[ids]
-    prefix_spaces = _prepended_spaces(arrays, ids, char_starts, text, int(lengths.sum()) - len(text_bytes))
+    prefix_spaces = _prepended_spaces(arrays, ids, char_spans[:, 0], text, int(lengths.sum()) - len(seen_bytes))
     lengths = lengths - prefix_spaces
-    first_used_byte = first_used_byte + prefix_spaces
+    seen_ends = np.cumsum(lengths)
+    _require_reproduced_text(
+        tokenizer, arrays.flat, arrays.offsets[ids] + prefix_spaces, seen_ends - lengths, lengths, seen_bytes, ids
+    )
+    if typed_metaspaces:
+        lengths = lengths + 2 * _count_in_spans(text, METASPACE, char_spans)
     byte_ends = np.cumsum(lengths)
-    byte_starts = byte_ends - lengths
-    _require_reproduced_text(tokenizer, arrays.flat, first_used_byte, byte_starts, lengths, text_bytes, ids)
-    return EncodedText(ids=ids, byte_starts=byte_starts, byte_ends=byte_ends)
+    return EncodedText(ids=ids, byte_starts=byte_ends - lengths, byte_ends=byte_ends)
+
+
+def _count_in_spans(text: str, character: str, char_spans: np.ndarray) -> np.ndarray:
+    """How many times `character` occurs in each [start, end) character span of `text`."""
+    code_points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    cumulative = np.zeros(len(code_points) + 1, dtype=np.int64)
+    np.cumsum(code_points == ord(character), out=cumulative[1:])
+    return cumulative[char_spans[:, 1]] - cumulative[char_spans[:, 0]]
 
 
 def _require_text_tokens(tokenizer, ids: np.ndarray, lengths: np.ndarray) -> None:
@@ -195,15 +216,16 @@ def _require_text_tokens(tokenizer, ids: np.ndarray, lengths: np.ndarray) -> Non
 def _prepended_spaces(arrays: _TokenByteArrays, ids, char_starts, text: str, excess_bytes: int) -> np.ndarray:
     """1 for each token whose leading space was prepended by the tokenizer (Metaspace 'first'/'always'), else 0.
 
-    Such a token starts at a character that is not a space. It is only looked for when the tokens have more bytes than
-    the text, so byte-level tokens (whose offsets may be trimmed of spaces) are never touched.
+    Such a token starts at a character that is neither a space nor a typed '▁'. It is only looked for when the tokens
+    have more bytes than the text, so byte-level tokens (whose offsets may be trimmed of spaces) are never touched.
     """
     prefix = np.zeros(len(ids), dtype=np.int64)
     if excess_bytes <= 0:
         return prefix
     code_points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
     candidates = np.flatnonzero(arrays.leading_space[ids])
-    candidates = candidates[code_points[char_starts[candidates]] != ord(" ")]
+    starting_characters = code_points[char_starts[candidates]]
+    candidates = candidates[(starting_characters != ord(" ")) & (starting_characters != ord(METASPACE))]
     if candidates.size == excess_bytes:
         prefix[candidates] = 1
     return prefix
