@@ -39,7 +39,8 @@ def _documents(count: int = 12, seed: int = 0) -> list[Document]:
 
 
 def _pieces(ids, table) -> list[bytes]:
-    """The text bytes between separators."""
+    """The text between separators as whole characters (a window edge may cut one), a typed '▁' read as the space a
+    SentencePiece tokenizer takes it for."""
     pieces, current = [], []
     for token_id in ids.tolist():
         if token_id == SEPARATOR:
@@ -47,7 +48,12 @@ def _pieces(ids, table) -> list[bytes]:
             current = []
         else:
             current.append(table[token_id])
-    return [*pieces, b"".join(current)]
+    pieces.append(b"".join(current))
+    return [_as_spaces(piece.decode("utf-8", errors="ignore").encode("utf-8")) for piece in pieces]
+
+
+def _as_spaces(data: bytes) -> bytes:
+    return data.replace("▁".encode("utf-8"), b" ")
 
 
 @pytest.mark.parametrize(("student_name", "teacher_name"), TOKENIZER_PAIRS)
@@ -68,16 +74,16 @@ def test_windows_pack_the_student_stream_and_the_teacher_sees_the_same_text(stud
         teacher_pieces = _pieces(window.teacher_ids, teacher_table)
         assert len(student_pieces) == len(teacher_pieces)  # a teacher separator wherever the student has one
         for student_piece, teacher_piece in zip(student_pieces, teacher_pieces):
-            # Equal but for Metaspace prefix spaces and characters a window edge cuts (the teacher gets them whole:
-            # up to 3 more bytes at each end).
+            # Equal but for Metaspace prefix spaces and characters a window edge cuts (the teacher gets them whole,
+            # up to 4 bytes at each end).
             student_text = student_piece.removeprefix(b" ")
             assert student_text in teacher_piece
-            assert len(teacher_piece) - len(student_text) <= 1 + 3 + 3
+            assert len(teacher_piece) - len(student_text) <= 1 + 4 + 4
 
 
 def _without_prefix_space(piece: bytes, text: str) -> bytes:
     """Drop the space a Metaspace tokenizer prepends to a document (not part of the text)."""
-    return piece[1:] if piece.startswith(b" ") and not text.startswith(" ") else piece
+    return piece[1:] if piece.startswith(b" ") and not text.startswith((" ", "▁")) else piece
 
 
 @pytest.mark.parametrize(("student_name", "teacher_name"), TOKENIZER_PAIRS)
@@ -90,7 +96,8 @@ def test_a_window_of_whole_documents_holds_exactly_their_text(student_name, teac
     for ids, tokenizer in ((window.student_ids, student), (window.teacher_ids, teacher)):
         pieces = _pieces(ids, token_bytes_table(tokenizer))
         assert pieces[-1] == b""  # the window ends with the last document's separator
-        assert [_without_prefix_space(p, t) for p, t in zip(pieces, texts)] == [t.encode("utf-8") for t in texts]
+        expected = [_as_spaces(text.encode("utf-8")) for text in texts]
+        assert [_without_prefix_space(p, t) for p, t in zip(pieces, texts)] == expected
 
 
 @pytest.mark.parametrize(("student_name", "teacher_name"), [("bpe300", "bpe700"), ("bpe700", "sentencepiece400")])
