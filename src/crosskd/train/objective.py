@@ -14,10 +14,16 @@ import torch
 from torch import Tensor, nn
 
 from crosskd.config import Config
+from crosskd.losses.attention import attention_alignment_loss, attention_layer_pairs
+from crosskd.losses.contrastive import ContrastiveMatcher
 from crosskd.losses.divergences import get_divergence
+from crosskd.losses.features import AlignedPairs
+from crosskd.losses.layerwise import LayerwiseMatcher
 from crosskd.losses.lm import LossSums, chunked_lm_and_kd
 from crosskd.losses.target import MappedTarget, support_atoms
+from crosskd.losses.router import DenseGroupMatcher, StudentAwareRouter, default_student_layer
 from crosskd.schedules import ScheduleSettings
+from crosskd.teacher import calibration
 from crosskd.teacher.online import OnlineTeacher, TeacherSignal
 from crosskd.vocab.first_token import first_token_kd_pairs, load_or_build_first_token_map, push_topk_through_map
 from crosskd.vocab.projector import (
@@ -95,12 +101,55 @@ class DistillationObjective(nn.Module):
         if self.strategy == "projector":
             self.projector = LogitProjector(teacher.model.config.hidden_size, student.model.config.hidden_size)
             self.anchor_alpha = objective.projector_anchor_alpha
+        self._build_feature_heads(config, teacher.model, student.model)
         self.last_raw: dict[str, float] = {}
         self.prefit_report = None
+        self._diagnostics: dict[str, float] = {}
+
+    def _build_feature_heads(self, config: Config, teacher_model, student_model) -> None:
+        """The intermediate-layer terms that are switched on (alpha > 0), each with its learned head."""
+        router, settings = config.router, self.settings
+        t_hidden, t_layers = teacher_model.config.hidden_size, teacher_model.config.num_hidden_layers
+        s_hidden, s_layers = student_model.config.hidden_size, student_model.config.num_hidden_layers
+        self.matcher = self.layerwise = self.contrastive = None
+        if settings.feature_alpha > 0:
+            student_layer = router.student_layer or default_student_layer(s_layers)
+            common = dict(student_layer=student_layer, num_experts=router.num_experts)
+            self.matcher = (DenseGroupMatcher(s_hidden, t_hidden, t_layers, **common) if router.dense
+                            else StudentAwareRouter(s_hidden, t_hidden, t_layers, top_k=router.top_k, **common))
+        if settings.layerwise_alpha > 0:
+            self.layerwise = LayerwiseMatcher(s_hidden, t_hidden, s_layers, t_layers)
+        if settings.contrastive_alpha > 0:
+            # The last hidden states on both sides (the student's and teacher's final-norm outputs).
+            self.contrastive = ContrastiveMatcher(s_hidden, t_hidden, temperature=router.contrastive_temperature,
+                                                  student_layer=s_layers, teacher_layer=t_layers)
+        self.attention_layer_pairs = (
+            attention_layer_pairs(router.attention_layers or [s_layers // 2], s_layers, t_layers)
+            if settings.attention_alpha > 0 else ()
+        )
+        if self.attention_layer_pairs:
+            # Attention weights exist only in the eager implementation (sdpa/flash never build them).
+            for model in (teacher_model, student_model):
+                model.set_attn_implementation("eager")
+        self.stats: calibration.HiddenStateStats | None = None
+
+    @property
+    def heads(self) -> list[nn.Module]:
+        return [head for head in (self.matcher, self.layerwise, self.contrastive) if head is not None]
+
+    @property
+    def uses_hidden_states(self) -> bool:
+        return bool(self.heads) or bool(self.attention_layer_pairs)
+
+    def _calibration_layers(self) -> tuple[int, ...]:
+        layers = {layer for head in (self.matcher, self.layerwise) if head is not None for layer in head.teacher_layers}
+        if self.contrastive is not None:
+            layers.add(self.contrastive.teacher_layer)
+        return tuple(sorted(layers))
 
     # --- parameters ---------------------------------------------------------------------------------------------------
     def head_parameters(self) -> list[nn.Parameter]:
-        return []
+        return [p for head in self.heads for p in head.parameters()]
 
     def projector_parameters(self) -> list[nn.Parameter]:
         return list(self.projector.parameters()) if self.projector is not None else []
@@ -112,12 +161,28 @@ class DistillationObjective(nn.Module):
 
     @property
     def needs_preparation(self) -> bool:
-        return self.projector is not None
+        return self.projector is not None or bool(self.heads)
 
-    def prepare(self, batches: list, device) -> None:
-        """Fit what must be sane before the first step, on training batches the loop will not see again first:
-        the projector is pre-fitted with the student frozen (a random projector gives a confident random target,
-        ~17 nats of KL at step 0). The first half of `batches` fits, the second half decides when to stop."""
+    def prepare(self, batches: list, device, stats_path, resuming: bool) -> None:
+        """Fit what must be sane before the first step, on training batches the loop does not start with.
+
+        The teacher's hidden-state statistics (for the feature terms) are estimated once and stored with the run.
+        The projector is pre-fitted with the student frozen: a random projector gives a confident random target,
+        ~17 nats of KL at step 0. The first half of `batches` fits, the second half decides when to stop. A resumed
+        run reads the statistics back and gets the projector from its checkpoint.
+        """
+        if self.heads:
+            if stats_path.is_file():
+                self.stats = calibration.HiddenStateStats.load(stats_path)
+            else:
+                self.stats = calibration.estimate(
+                    ((self._teacher_source.signal(b, hidden_states=True).hidden_states, b.teacher_attention_mask)
+                     for b in batches),
+                    self._calibration_layers(),
+                )
+                self.stats.save(stats_path)
+        if self.projector is None or resuming:
+            return
         self.projector.to(device)
         half = max(1, len(batches) // 2)
         fit, check = self._anchor_data(batches[:half]), self._anchor_data(batches[half:] or batches[:half])
@@ -148,7 +213,8 @@ class DistillationObjective(nn.Module):
                 torch.cat(nll).mean().item())
 
     def diagnostics(self) -> dict[str, float]:
-        return {}
+        """Router health for the logs: each expert's token share, gate entropy, each group's error."""
+        return dict(self._diagnostics)
 
     # --- counting -----------------------------------------------------------------------------------------------------
     def kd_pair_mask(self, batch) -> Tensor:
@@ -164,6 +230,8 @@ class DistillationObjective(nn.Module):
         counts = {
             "lm": sum((b.student_targets != -100).sum() for b in micro_batches),
             "kd": sum(self.kd_pair_mask(b).sum() for b in micro_batches),
+            # The feature terms leave window position 0 out on both sides (the attention sink).
+            "features": sum(((b.pair_student_pos > 0) & (b.pair_teacher_pos > 0)).sum() for b in micro_batches),
         }
         counts = {name: torch.as_tensor(value, dtype=torch.float64, device=device) for name, value in counts.items()}
         if accelerator is not None and accelerator.num_processes > 1:
@@ -173,10 +241,13 @@ class DistillationObjective(nn.Module):
     # --- the terms ----------------------------------------------------------------------------------------------------
     def forward(self, batch, weights: dict[str, float], temperature: float) -> dict[str, Term]:
         student_model = self._student[0].model
-        signal = self._teacher_source.signal(batch)
-        hidden = student_model.base_model(
-            input_ids=batch.student_input_ids, attention_mask=batch.student_attention_mask
-        ).last_hidden_state
+        attentions = bool(self.attention_layer_pairs) and weights["attention"] > 0
+        signal = self._teacher_source.signal(batch, hidden_states=self.uses_hidden_states, attentions=attentions)
+        outputs = student_model.base_model(
+            input_ids=batch.student_input_ids, attention_mask=batch.student_attention_mask,
+            output_hidden_states=self.uses_hidden_states, output_attentions=attentions,
+        )
+        hidden = outputs.last_hidden_state
         kd_mask = self.kd_pair_mask(batch)
         kd_rows = (batch.pair_batch * hidden.shape[1] + batch.pair_student_pos)[kd_mask]
         sums = self._lm_and_kd(hidden.reshape(-1, hidden.shape[-1]), student_model, batch, kd_rows,
@@ -191,6 +262,42 @@ class DistillationObjective(nn.Module):
             anchor_sum, _ = anchor_loss(self.projector, signal.final_hidden, student_model.get_output_embeddings().weight,
                                         next_ids, self.chunk_size)
             terms["anchor"] = Term(anchor_sum, PER_TOKEN, count_key="kd", weight_key="anchor")
+        if self.uses_hidden_states:
+            terms.update(self._feature_terms(outputs, signal, batch, weights, attentions))
+        return terms
+
+    def _feature_terms(self, outputs, signal: TeacherSignal, batch, weights, attentions: bool) -> dict[str, Term]:
+        """Intermediate-layer terms. Each head trains at full strength on detached student states; the schedule's
+        weight scales only the gradient that flows back into the student (`student_grad_weight`), so these terms
+        enter the total with coefficient 1."""
+        pairs = AlignedPairs(batch.pair_batch, batch.pair_student_pos, batch.pair_teacher_pos)
+        student_states, teacher_states = outputs.hidden_states, signal.hidden_states
+        terms: dict[str, Term] = {}
+        if self.matcher is not None:
+            matched = self.matcher(student_states, teacher_states, pairs, self.stats,
+                                   student_grad_weight=weights["feature"])
+            terms["feature"] = Term(matched.feature.sum, PER_TOKEN, count_key="features")
+            self._diagnostics = {f"group_mse/{e}": float(v) for e, v in enumerate(matched.group_mse.tolist())}
+            if matched.routing is not None:
+                routing = matched.routing
+                terms["load_balance"] = Term(routing.load_balance, PER_BATCH, weight_key="load_balance")
+                terms["importance"] = Term(routing.importance, PER_BATCH, weight_key="importance")
+                self._diagnostics.update({f"expert_share/{e}": float(v)
+                                          for e, v in enumerate(routing.expert_share.tolist())})
+                self._diagnostics["gate_entropy"] = float(routing.gate_entropy)
+        if self.layerwise is not None:
+            matched = self.layerwise(student_states, teacher_states, pairs, self.stats,
+                                     student_grad_weight=weights["layerwise"])
+            terms["layerwise"] = Term(matched.sum, PER_TOKEN, count_key="features")
+        if self.contrastive is not None:
+            # InfoNCE compares positions within a micro-batch: a batch statistic, averaged over micro-batches.
+            matched = self.contrastive(student_states, teacher_states, pairs, self.stats,
+                                       student_grad_weight=weights["contrastive"])
+            terms["contrastive"] = Term(matched.mean(), PER_BATCH)
+        if attentions:
+            matched = attention_alignment_loss(outputs.attentions, signal.attentions, pairs,
+                                               self.attention_layer_pairs, student_grad_weight=weights["attention"])
+            terms["attention"] = Term(matched.sum, PER_TOKEN, count_key="features")
         return terms
 
     def _lm_and_kd(self, hidden, student_model, batch, kd_rows, signal: TeacherSignal, kd_mask, temperature) -> LossSums:

@@ -150,8 +150,9 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
     settings = schedule_settings(config)
     objective = DistillationObjective(config, teacher, student, settings)
     if objective.needs_preparation:
-        objective.prepare(corpus.preparation_batches(training.batch_size, accelerator.device), accelerator.device)
-        if main:
+        objective.prepare(corpus.preparation_batches(training.batch_size, accelerator.device), accelerator.device,
+                          stats_path=run_dir / "teacher_stats.safetensors", resuming=bool(resume))
+        if main and objective.prefit_report is not None:
             print(objective.prefit_report.describe(), flush=True)
     optimizer = build_optimizer(config, student.model, objective)
     scheduler = build_scheduler(config, optimizer, total_steps)
