@@ -32,6 +32,13 @@ class ModelsConfig:
 
 
 @dataclass
+class TeacherConfig:
+    # online: the teacher runs in every step; cache: its signal is read from `crosskd cache-teacher`'s output.
+    source: str = "online"
+    cache_dir: str | None = None  # default: <output.run_dir>/teacher-cache
+
+
+@dataclass
 class DataConfig:
     # `python-stdlib`, a text file / folder / glob, a .jsonl or .parquet file, or a datasets folder.
     source: str = "python-stdlib"
@@ -136,6 +143,7 @@ class OutputConfig:
 @dataclass
 class Config:
     models: ModelsConfig = field(default_factory=ModelsConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
@@ -201,8 +209,8 @@ def _build(cls, raw: Any, prefix: str):
     if unknown:
         key = unknown[0]
         close = difflib.get_close_matches(key, fields, n=1)
-        hint = f"; did you mean {prefix}{close[0]!r}?" if close else f"; valid keys: {', '.join(fields)}"
-        raise ConfigError(f"unknown config key {prefix}{key!r}{hint}")
+        hint = f"; did you mean {prefix + close[0]!r}?" if close else f"; valid keys: {', '.join(fields)}"
+        raise ConfigError(f"unknown config key {prefix + key!r}{hint}")
     values = {}
     for name, value in raw.items():
         hint = hints[name]
@@ -231,6 +239,14 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
             pass
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise ConfigError(f"{key} must be {getattr(expected, '__name__', expected)}, got {value!r}")
+    # Elements are checked too: a bad list entry would otherwise surface as a crash deep inside the run.
+    if expected is list:
+        (item_hint,) = typing.get_args(hint)
+        return [_check_type(item, item_hint, f"{key}[{index}]") for index, item in enumerate(value)]
+    if expected is dict:
+        key_hint, value_hint = typing.get_args(hint)
+        return {_check_type(name, key_hint, f"{key} key {name!r}"): _check_type(item, value_hint, f"{key}[{name!r}]")
+                for name, item in value.items()}
     return value
 
 
@@ -249,6 +265,7 @@ def validate(config: Config) -> None:
     _choice(config.models.teacher_dtype, ("float32", "bfloat16", "float16"), "models.teacher_dtype")
     _choice(training.mixed_precision, ("no", "fp16", "bf16"), "training.mixed_precision")
     _choice(config.optimizer.scheduler, ("cosine", "constant"), "optimizer.scheduler")
+    _choice(config.teacher.source, ("online", "cache"), "teacher.source")
     if objective.strategy == "uld":
         if objective.divergence is not None:
             raise ConfigError(

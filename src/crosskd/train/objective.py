@@ -19,7 +19,7 @@ from crosskd.losses.contrastive import ContrastiveMatcher
 from crosskd.losses.divergences import get_divergence
 from crosskd.losses.features import AlignedPairs
 from crosskd.losses.layerwise import LayerwiseMatcher
-from crosskd.losses.lm import LossSums, chunked_lm_and_kd
+from crosskd.losses.lm import LossSums, chunked_cross_entropy, chunked_lm_and_kd
 from crosskd.losses.target import MappedTarget, support_atoms
 from crosskd.losses.router import DenseGroupMatcher, StudentAwareRouter, default_student_layer
 from crosskd.schedules import ScheduleSettings
@@ -239,8 +239,20 @@ class DistillationObjective(nn.Module):
         return counts
 
     # --- the terms ----------------------------------------------------------------------------------------------------
+    @property
+    def lm_only(self) -> bool:
+        """Plain fine-tuning (kd_alpha 0, no feature terms): the teacher is not run during training at all."""
+        return self.settings.kd_alpha == 0 and self.projector is None and not self.uses_hidden_states
+
     def forward(self, batch, weights: dict[str, float], temperature: float) -> dict[str, Term]:
         student_model = self._student[0].model
+        if self.lm_only:
+            hidden = student_model.base_model(input_ids=batch.student_input_ids,
+                                              attention_mask=batch.student_attention_mask).last_hidden_state
+            lm_sum, _ = chunked_cross_entropy(hidden.reshape(-1, hidden.shape[-1]),
+                                              student_model.get_output_embeddings().weight,
+                                              batch.student_targets.reshape(-1), self.chunk_size)
+            return {"lm": Term(lm_sum, PER_TOKEN, count_key="lm", weight_key="lm")}
         attentions = bool(self.attention_layer_pairs) and weights["attention"] > 0
         signal = self._teacher_source.signal(batch, hidden_states=self.uses_hidden_states, attentions=attentions)
         outputs = student_model.base_model(
