@@ -239,12 +239,21 @@ class DistillationObjective(nn.Module):
         return counts
 
     # --- the terms ----------------------------------------------------------------------------------------------------
+    def _wants_attentions(self, weights: dict[str, float]) -> bool:
+        """Attention maps are requested only while the attention term's weight is non-zero (they cost memory)."""
+        return bool(self.attention_layer_pairs) and weights["attention"] > 0
+
+    def _teacher_signal(self, batch, weights: dict[str, float]) -> TeacherSignal:
+        return self._teacher_source.signal(batch, hidden_states=self.uses_hidden_states,
+                                           attentions=self._wants_attentions(weights))
+
     @property
     def lm_only(self) -> bool:
         """Plain fine-tuning (kd_alpha 0, no feature terms): the teacher is not run during training at all."""
         return self.settings.kd_alpha == 0 and self.projector is None and not self.uses_hidden_states
 
-    def forward(self, batch, weights: dict[str, float], temperature: float) -> dict[str, Term]:
+    def forward(self, batch, weights: dict[str, float], temperature: float,
+                signal: TeacherSignal | None = None) -> dict[str, Term]:
         student_model = self._student[0].model
         if self.lm_only:
             hidden = student_model.base_model(input_ids=batch.student_input_ids,
@@ -253,8 +262,8 @@ class DistillationObjective(nn.Module):
                                               student_model.get_output_embeddings().weight,
                                               batch.student_targets.reshape(-1), self.chunk_size)
             return {"lm": Term(lm_sum, PER_TOKEN, count_key="lm", weight_key="lm")}
-        attentions = bool(self.attention_layer_pairs) and weights["attention"] > 0
-        signal = self._teacher_source.signal(batch, hidden_states=self.uses_hidden_states, attentions=attentions)
+        attentions = self._wants_attentions(weights)
+        signal = signal or self._teacher_signal(batch, weights)
         outputs = student_model.base_model(
             input_ids=batch.student_input_ids, attention_mask=batch.student_attention_mask,
             output_hidden_states=self.uses_hidden_states, output_attentions=attentions,
@@ -361,11 +370,12 @@ class DistillationObjective(nn.Module):
         batches = list(eval_batches)
         counts = self.count_positions(batches, None)
         for batch in batches:
-            terms = self.forward(batch, weights, temperature)
+            signal = self._teacher_signal(batch, weights)
+            terms = self.forward(batch, weights, temperature, signal)
             _, weighted = self.combine(terms, counts, weights, len(batches), 1)
             for name, value in weighted.items():
                 component_sums[f"eval_{name}"] = component_sums.get(f"eval_{name}", 0.0) + value
-            stats = self._retention_stats(batch)
+            stats = self._retention_stats(batch, signal)
             agree += stats[0]
             kl += stats[1]
             positions += stats[2]
@@ -375,9 +385,8 @@ class DistillationObjective(nn.Module):
         }
         return {**result, **component_sums}
 
-    def _retention_stats(self, batch) -> tuple[Tensor, Tensor, Tensor]:
+    def _retention_stats(self, batch, signal: TeacherSignal) -> tuple[Tensor, Tensor, Tensor]:
         student_model = self._student[0].model
-        signal = self._teacher_source.signal(batch)
         kd_mask = self.kd_pair_mask(batch)
         target = self._mapped_teacher(signal, kd_mask)
         hidden = student_model.base_model(input_ids=batch.student_input_ids,
