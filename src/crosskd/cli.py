@@ -18,6 +18,8 @@ def _add_setup_models(sub) -> None:
     )
     p.add_argument("--cache-dir", help="where the models go (default: $CROSSKD_CACHE or the user cache dir)")
     p.add_argument("--skip-bpb-check", action="store_true", help="do not evaluate held-out BPB after conversion")
+    p.add_argument("--reverify", action="store_true",
+                   help="re-hash every converted file and re-measure BPB instead of trusting the completion marker")
     p.set_defaults(handler="crosskd.models.reference:cli_setup_models")
 
 

@@ -398,7 +398,7 @@ def reference_model_dirs(cache_dir=None) -> ReferencePair:
 def cli_setup_models(args) -> int:
     started = time.monotonic()
     try:
-        pair = ensure_reference_models(args.cache_dir, check_bpb=not args.skip_bpb_check)
+        pair = ensure_reference_models(args.cache_dir, check_bpb=not args.skip_bpb_check, reverify=args.reverify)
     except SetupError as error:
         print(f"crosskd setup-models: error: {error}", file=sys.stderr)
         return 1
