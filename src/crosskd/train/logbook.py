@@ -26,7 +26,9 @@ class Logbook:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-        self.bar = tqdm(total=total_steps, initial=initial_step, desc="distilling", unit="step", dynamic_ncols=True)
+        # disable=None: a bar on a terminal; in a pipe or CI log the step lines alone show progress.
+        self.bar = tqdm(total=total_steps, initial=initial_step, desc="distilling", unit="step", dynamic_ncols=True,
+                        disable=None)
 
     def record(self, kind: str, step: int, values: dict) -> None:
         if not self.enabled:
