@@ -12,7 +12,7 @@ import itertools
 import random
 from collections.abc import Iterator
 
-from crosskd.config import DataConfig
+from crosskd.config import DataConfig, TrainingConfig
 from crosskd.data.collate import DualBatch, collate_windows
 from crosskd.data.encoding import encode_with_byte_spans
 from crosskd.data.sources import Document, load_documents, split_documents
@@ -54,6 +54,10 @@ class TrainingCorpus:
         """Windows in one epoch (tokenises the training documents with the student once)."""
         tokens = sum(len(encode_with_byte_spans(self.student_tokenizer, d.text)) + 1 for d in self.train_documents)
         return tokens // self.config.window_tokens
+
+    def optimizer_steps(self, training: TrainingConfig, windows_per_step: int) -> int:
+        """The run's length in optimizer steps: training.max_steps, or training.epochs over the training windows."""
+        return training.max_steps or training.epochs * max(1, self.count_train_windows() // windows_per_step)
 
     def train_windows(self, start: int, process_index: int, num_processes: int,
                       batch_size: int) -> Iterator[list[DualWindow]]:
