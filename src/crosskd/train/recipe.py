@@ -100,13 +100,16 @@ def _load_trainable_state(student, objective, tensors: dict[str, torch.Tensor]) 
 
 
 class _SignalGuard:
-    """Turn SIGTERM into an exception so the loop writes an emergency checkpoint before the process ends."""
+    """Turn SIGTERM into a stop request that the loop honours between steps, so that the emergency checkpoint is
+    written at a step boundary: a handler raising mid-step could leave an optimizer update or a checkpoint write
+    half done."""
 
     def __enter__(self):
         self.previous = signal.getsignal(signal.SIGTERM)
+        self.requested = False
 
         def handler(signum, frame):
-            raise TrainingStopped("received SIGTERM")
+            self.requested = True
 
         try:
             signal.signal(signal.SIGTERM, handler)
@@ -118,6 +121,14 @@ class _SignalGuard:
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
         return False
+
+    def stop_requested(self, accelerator) -> bool:
+        """Whether any process received SIGTERM: all of them must stop at the same step or the others would wait
+        forever in the next collective."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor(float(self.requested), device=accelerator.device)
+        return accelerator.reduce(flag, reduction="sum").item() > 0
 
 
 def train(config: Config, resume: str | None = None, debug: bool = False) -> TrainResult:
@@ -181,8 +192,10 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
     stopped_early = False
     tokens_since_log, time_since_log = 0, time.perf_counter()
     try:
-        with _SignalGuard():
+        with _SignalGuard() as signals:
             while state.step < total_steps:
+                if signals.stop_requested(accelerator):
+                    raise TrainingStopped("received SIGTERM")
                 progress = state.step / total_steps
                 weights = loss_weights(progress, settings)
                 tau = temperature(progress, settings)
@@ -192,7 +205,6 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
                     collate_windows(next(windows), teacher.vocab.pad_id).to(accelerator.device)
                     for _ in range(training.gradient_accumulation_steps)
                 ]
-                state.windows_consumed += windows_per_step
                 counts = objective.count_positions(micro_batches, accelerator)
 
                 optimizer.zero_grad(set_to_none=True)
@@ -215,33 +227,33 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
                 grad_norm = precision.unscale_and_clip(optimizer, objective.all_trainable(student.model),
                                                        config.optimizer.grad_clip)
                 total_value = accelerator.reduce(step_total, reduction="mean").item()
-                finite = math.isfinite(total_value) and math.isfinite(float(grad_norm))
-                if finite or precision.scaler is not None:
-                    # With a loss scaler, inf gradients are the scaler's business: it skips and halves its scale.
+                loss_finite = math.isfinite(total_value)
+                if precision.scaler is not None or (loss_finite and math.isfinite(float(grad_norm))):
+                    # A loss scaler judges the gradients itself: on inf/NaN it skips the step and halves its scale.
                     outcome = precision.step(optimizer)
-                    if outcome.overflow:
-                        state.overflow_skipped += 1
-                if not finite and precision.scaler is None:
+                    nonfinite = not loss_finite  # a non-finite loss is no overflow: no loss scale can fix it
+                    overflow = outcome.overflow and loss_finite
+                else:
+                    nonfinite, overflow = True, False
+                state.overflow_skipped += overflow
+                if nonfinite:
                     state.nonfinite_skipped += 1
                     state.consecutive_nonfinite += 1
                     optimizer.zero_grad(set_to_none=True)
                     logbook.line(f"step {state.step + 1}: non-finite loss ({total_value}) or gradient norm "
                                  f"({float(grad_norm)}); step skipped")
-                    if state.consecutive_nonfinite >= training.max_consecutive_nonfinite:
-                        raise TrainingStopped(
-                            f"{state.consecutive_nonfinite} non-finite steps in a row. Likely causes: a learning rate "
-                            "too high for this model, fp16 overflow without a loss scaler (use bf16 or fp32), or a "
-                            "temperature near zero. Lower optimizer.lr or change training.mixed_precision, then "
-                            "resume from the checkpoint just written."
-                        )
-                elif finite:
+                elif not overflow:
                     state.consecutive_nonfinite = 0
                 scheduler.step()
+                # The data position advances with the step count, never before: a checkpoint written after an
+                # interruption inside the step must point at the step's first window, or a resume would skip it.
                 state.step += 1
+                state.windows_consumed += windows_per_step
                 logbook.advance()
 
                 if debug:
-                    check_sum(total_value, step_components)
+                    if loss_finite:
+                        check_sum(total_value, step_components)
                     if main:
                         print({"raw": {k: float(v) for k, v in objective.last_raw.items()},
                                "weighted": step_components}, flush=True)
@@ -263,6 +275,13 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
                     flat = {k: v for k, v in record.items() if k != "weighted"}
                     logbook.record("train", state.step, {**flat, **{f"loss/{k}": v for k, v in step_components.items()}})
                     tokens_since_log, time_since_log = 0, time.perf_counter()
+                if state.consecutive_nonfinite >= training.max_consecutive_nonfinite:
+                    raise TrainingStopped(
+                        f"{state.consecutive_nonfinite} non-finite steps in a row. Likely causes: a learning rate "
+                        "too high for this model, fp16 overflow without a loss scaler (use bf16 or fp32), or a "
+                        "temperature near zero. Lower optimizer.lr or change training.mixed_precision, then "
+                        "resume from the checkpoint just written."
+                    )
 
                 due_eval = training.eval_every and state.step % training.eval_every == 0
                 if due_eval or state.step == total_steps:
@@ -384,7 +403,10 @@ def export_student(checkpoint: Path, student, objective, out_dir: Path) -> None:
 
 def cli_train(args) -> int:
     config = load_config(args.config, args.overrides)
-    result = train(config, resume=args.resume, debug=args.debug)
+    try:
+        result = train(config, resume=args.resume, debug=args.debug)
+    except TrainingStopped:
+        return 1  # the reason and the emergency checkpoint were printed when the run stopped
     teacher = f"{result.teacher_bpb:.4f}" if result.teacher_bpb is not None else "n/a"
     print(
         f"\nheld-out bits per byte: student before {result.initial_bpb:.4f} -> best {result.best_bpb:.4f} "

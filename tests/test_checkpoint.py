@@ -1,0 +1,138 @@
+"""Checkpoints: atomic folders, pruning, exact resume (20 steps straight = 10 + resume + 10) and SIGTERM."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from crosskd.train.checkpoint import (
+    TrainingState,
+    checkpoint_name,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from crosskd.train.objective import DistillationObjective
+from trainer_helpers import REPO, log_records, run_training, tiny_config
+
+RESUME_STEPS = 20
+RESUME_OVERRIDES = (f"training.max_steps={RESUME_STEPS}", "training.checkpoint_every=10", "optimizer.scheduler=cosine",
+                    "optimizer.warmup_steps=3")
+
+
+def _save(folder, step: int):
+    weights = torch.arange(6.0).reshape(2, 3) + step
+    # Two names for one tensor, as with tied embeddings: stored once.
+    return save_checkpoint(folder, TrainingState(step=step, windows_consumed=2 * step),
+                           {"embed": weights, "head": weights}, {"state": {}}, {"last_epoch": step}, None)
+
+
+def test_checkpoint_round_trip_and_tied_tensors_stored_once(tmp_path):
+    folder = _save(tmp_path / checkpoint_name(3), step=3)
+    loaded = load_checkpoint(folder)
+    assert loaded.state.step == 3 and loaded.state.windows_consumed == 6
+    assert list(loaded.trainable) == ["embed"]
+    assert torch.equal(loaded.trainable["embed"], torch.arange(6.0).reshape(2, 3) + 3)
+    assert loaded.scheduler == {"last_epoch": 3}
+    assert set(loaded.rng) >= {"python", "numpy", "torch"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]  # the temporary folder was renamed
+
+
+def test_incomplete_folders_are_never_listed_or_loaded(tmp_path):
+    _save(tmp_path / checkpoint_name(1), step=1)
+    (tmp_path / f".tmp-{checkpoint_name(2)}-123").mkdir()  # a writer killed mid-way
+    (tmp_path / checkpoint_name(3)).mkdir()  # no state.json
+    assert list_checkpoints(tmp_path) == [tmp_path / checkpoint_name(1)]
+    with pytest.raises(FileNotFoundError, match="not a complete crosskd checkpoint"):
+        load_checkpoint(tmp_path / checkpoint_name(3))
+
+
+def test_pruning_keeps_the_last_k_and_the_best(tmp_path):
+    for step in (1, 2, 3, 4, 5):
+        _save(tmp_path / checkpoint_name(step), step)
+    prune_checkpoints(tmp_path, keep_last=2, protect=tmp_path / checkpoint_name(2))
+    assert [p.name for p in list_checkpoints(tmp_path)] == [checkpoint_name(s) for s in (2, 4, 5)]
+
+
+def _interrupt_at_step(monkeypatch, step: int) -> None:
+    """Ctrl-C in the middle of optimizer step `step` (after its data was read, before its backward)."""
+    original = DistillationObjective.forward
+    calls = itertools.count(1)
+
+    def forward(self, *args, **kwargs):
+        if next(calls) == step:  # one forward per step without accumulation
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DistillationObjective, "forward", forward)
+
+
+def _losses(run_dir) -> list[tuple]:
+    return [(r["step"], r["total"], r["loss/lm"], r["loss/kd"], r["lr"], r["temperature"])
+            for r in log_records(run_dir)]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """The uninterrupted reference: 20 steps in one go."""
+    tmp_path = tmp_path_factory.mktemp("straight")
+    config = tiny_config(tmp_path, *RESUME_OVERRIDES)
+    run_training(config)
+    return config.output.run_dir
+
+
+@pytest.mark.parametrize("resume_from", ["periodic", "emergency"])
+def test_resumed_run_reproduces_the_uninterrupted_losses_exactly(tmp_path, monkeypatch, straight_run, resume_from):
+    config = tiny_config(tmp_path, *RESUME_OVERRIDES)
+    _interrupt_at_step(monkeypatch, 11)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(config)
+    monkeypatch.undo()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    emergency = checkpoints / f"{checkpoint_name(10)}-emergency"
+    assert (checkpoints / checkpoint_name(10)).is_dir() and emergency.is_dir()
+    assert load_checkpoint(emergency).state.step == 10
+
+    # "latest" is the emergency checkpoint written at the interruption; the periodic one is named explicitly.
+    run_training(config, resume="latest" if resume_from == "emergency" else str(checkpoints / checkpoint_name(10)))
+
+    expected = _losses(straight_run)
+    assert len(expected) == RESUME_STEPS
+    assert _losses(config.output.run_dir) == expected  # exact equality, every step
+    assert log_records(config.output.run_dir, "eval")[-1]["bpb"] == log_records(straight_run, "eval")[-1]["bpb"]
+
+
+def test_sigterm_writes_a_complete_emergency_checkpoint_and_exits_nonzero(tmp_path):
+    config = tiny_config(tmp_path)  # only for its corpus and run folder
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "crosskd.cli", "train", str(REPO / "configs" / "tiny.yaml"),
+               f"data.source={config.data.source}", f"data.heldout_documents={config.data.heldout_documents}",
+               "data.eval_max_chars=null", "training.max_steps=100000", f"output.run_dir={run_dir}"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 90
+        while not ((run_dir / "log.jsonl").is_file() and log_records(run_dir)):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no training step was logged in time"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+
+    assert process.returncode != 0
+    assert "received SIGTERM" in stderr and "emergency checkpoint:" in stderr, stderr
+    (emergency,) = [p for p in list_checkpoints(run_dir / "checkpoints") if p.name.endswith("-emergency")]
+    loaded = load_checkpoint(emergency)
+    assert loaded.state.step >= 1
+    assert loaded.state.windows_consumed == loaded.state.step * config.training.batch_size
+    assert "student.model.embed_tokens.weight" in loaded.trainable and loaded.optimizer["state"]

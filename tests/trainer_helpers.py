@@ -1,0 +1,68 @@
+"""Shared set-up for the trainer's tests: the tiny config with a small local corpus, and readers for a run's outputs.
+
+Runs use the tiny random pair (`configs/tiny.yaml`) on a few kilobytes of text in a temporary folder, so that a
+training step takes a fraction of a second on a shared 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from accelerate.state import AcceleratorState
+
+from crosskd.config import Config, load_config
+from crosskd.data.stdlib import stdlib_root
+from crosskd.train.recipe import TrainResult, train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "configs" / "tiny.yaml"
+HELDOUT_NAME = "heldout.txt"
+# Real, varied text: consecutive training windows differ, so a wrong data position after resume changes the losses.
+TRAINING_SOURCES = ("fractions.py", "textwrap.py", "shlex.py", "json/decoder.py")
+DOCUMENT_CHARS = 2_000
+HELDOUT_CHARS = 700  # about one BPB window of the tiny student: evaluation stays cheap
+
+
+def write_corpus(folder: Path) -> Path:
+    """A folder of a few training documents (stdlib excerpts) and one held-out document."""
+    folder.mkdir(parents=True, exist_ok=True)
+    root = stdlib_root()
+    for name in TRAINING_SOURCES:
+        text = (root / name).read_text(encoding="utf-8")[:DOCUMENT_CHARS]
+        (folder / name.replace("/", "_")).with_suffix(".txt").write_text(text)
+    (folder / HELDOUT_NAME).write_text((root / "base64.py").read_text(encoding="utf-8")[:HELDOUT_CHARS])
+    return folder
+
+
+def write_single_window_corpus(folder: Path) -> Path:
+    """One short training document (a single window of the tiny config, so every step sees the same batch)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.txt").write_text("def add(a, b):\n    return a + b\n\n\nprint(add(1, 2))\n" * 2)
+    (folder / HELDOUT_NAME).write_text((stdlib_root() / "base64.py").read_text(encoding="utf-8")[:HELDOUT_CHARS])
+    return folder
+
+
+def tiny_config(tmp_path: Path, *overrides: str, corpus: Path | None = None) -> Config:
+    """configs/tiny.yaml on a small local corpus, writing its run under `tmp_path/run`."""
+    corpus = corpus or write_corpus(tmp_path / "corpus")
+    return load_config(TINY_CONFIG, [
+        f"data.source={corpus}",
+        f"data.heldout_documents=[{HELDOUT_NAME}]",
+        "data.eval_max_chars=null",
+        f"output.run_dir={tmp_path / 'run'}",
+        *overrides,
+    ])
+
+
+def log_records(run_dir: Path, kind: str = "train") -> list[dict]:
+    """The run's log.jsonl records of one kind, in order."""
+    lines = (Path(run_dir) / "log.jsonl").read_text().splitlines()
+    return [record for record in map(json.loads, lines) if record["kind"] == kind]
+
+
+def run_training(config: Config, resume: str | None = None, debug: bool = False) -> TrainResult:
+    """`train` in this process, as a fresh `crosskd train` would: accelerate keeps its state (mixed precision
+    included) in a process-wide singleton that an earlier run in the same pytest process must not leak into."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return train(config, resume=resume, debug=debug)
