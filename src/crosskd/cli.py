@@ -53,6 +53,25 @@ def _add_train(sub) -> None:
     p.set_defaults(handler="crosskd.train.recipe:cli_train")
 
 
+def _add_cache_teacher(sub) -> None:
+    p = sub.add_parser(
+        "cache-teacher",
+        help="run the teacher once over a run's windows and store its signal for teacher.source=cache",
+        description=(
+            "Run the teacher over exactly the windows the configured run reads (training budget, held-out retention "
+            "windows, projector pre-fit windows) and store its top-k at the aligned pairs (or final hidden states for "
+            "the projector) as sharded safetensors with a fingerprint. Resumes an interrupted cache. "
+            "Train from it with teacher.source=cache (see docs/CACHE.md)."
+        ),
+    )
+    p.add_argument("config", help="the run's YAML or JSON config (see configs/reference.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, as for `crosskd train`")
+    p.add_argument("--processes", type=int, default=1,
+                   help="processes the run will train with (its budget is max_steps x batch x accumulation x processes)")
+    p.add_argument("--shard-megabytes", type=float, help="approximate size of one shard (default 64)")
+    p.set_defaults(handler="crosskd.teacher.cache:cli_cache_teacher")
+
+
 def _add_eval(sub) -> None:
     p = sub.add_parser(
         "eval",
@@ -78,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Cross-tokenizer knowledge distillation: a teacher and a student with different vocabularies.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_setup_models, _add_align_report, _add_train, _add_eval, _add_generate):
+    for add in (_add_setup_models, _add_align_report, _add_train, _add_cache_teacher, _add_eval, _add_generate):
         add(sub)
     return parser
 

@@ -293,3 +293,29 @@ def validate(config: Config) -> None:
             raise ConfigError(f"training.{key} must be at least 1")
     if config.schedule.temperature_start <= 0 or config.schedule.temperature_end <= 0:
         raise ConfigError("schedule temperatures must be positive")
+    if config.teacher.source == "cache":
+        require_cacheable_terms(config)
+
+
+# Why each intermediate-layer term cannot be served by a teacher cache (crosskd cache-teacher stores what the
+# vocabulary-level target needs: the top-k at aligned pairs, or the final hidden state there for the projector).
+_UNCACHEABLE_TERMS = {
+    "attention_alpha": "attention alignment needs the teacher's attention maps (heads x M x M per layer and window)",
+    "layerwise_alpha": "layerwise matching needs every teacher layer's hidden state at every aligned pair "
+                       "(layers x hidden x 2 bytes per position, ~43 KB on the reference teacher)",
+    "feature_alpha": "the router needs the teacher's per-layer-group hidden states, which this cache does not store",
+    "contrastive_alpha": "the contrastive term needs the teacher's hidden states at every window position, which "
+                         "this cache does not store",
+}
+
+
+def require_cacheable_terms(config: Config) -> None:
+    """A cached teacher serves the KD target only; terms that need more are refused, never silently dropped."""
+    if not config.router.enabled:
+        return
+    for key, reason in _UNCACHEABLE_TERMS.items():
+        if getattr(config.router, key) > 0:
+            raise ConfigError(
+                f"router.{key} is {getattr(config.router, key)} but a teacher cache cannot serve it: {reason}. "
+                f"Set router.{key}=0 (or router.enabled=false), or run the teacher online with teacher.source=online"
+            )

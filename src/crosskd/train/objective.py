@@ -24,6 +24,7 @@ from crosskd.losses.target import MappedTarget, support_atoms
 from crosskd.losses.router import DenseGroupMatcher, StudentAwareRouter, default_student_layer
 from crosskd.schedules import ScheduleSettings
 from crosskd.teacher import calibration
+from crosskd.teacher.cache import open_teacher_cache
 from crosskd.teacher.online import OnlineTeacher, TeacherSignal
 from crosskd.vocab.first_token import first_token_kd_pairs, load_or_build_first_token_map, push_topk_through_map
 from crosskd.vocab.projector import (
@@ -86,8 +87,10 @@ class DistillationObjective(nn.Module):
         self.scale_by_t2 = objective.scale_by_t2
         self.exclude_mismatch = objective.mismatch_policy == "exclude"
         self._student = [student]  # a list hides it from nn.Module registration
-        self._teacher_source = OnlineTeacher(teacher.model, teacher.vocab.valid_mask, objective.kd_top_k,
-                                             objective.chunk_size)
+        self._teacher_source = (
+            open_teacher_cache(config, teacher, student.tokenizer) if config.teacher.source == "cache"
+            else OnlineTeacher(teacher.model, teacher.vocab.valid_mask, objective.kd_top_k, objective.chunk_size)
+        )
         divergence_name = objective.divergence or "forward_kl"
         self.divergence = None if self.strategy == "uld" else get_divergence(divergence_name,
                                                                               **objective.divergence_params)

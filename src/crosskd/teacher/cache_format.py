@@ -1,0 +1,262 @@
+"""What a teacher cache holds and how it is laid out: the stored signal, the window keys, the fingerprint.
+
+A cache is a folder of safetensors shards plus `index.json`. Each shard holds consecutive windows of the run's plan;
+each window is identified by a key (a hash of its teacher tokens and of the teacher positions of its aligned pairs,
+everything the stored rows are a function of), and its rows (one per aligned pair, in the batch's pair order) are
+`window_offsets[w] : window_offsets[w + 1]` of the shard's row tensors.
+
+Stored per aligned pair, depending on what the strategy reads (docs/CACHE.md has the reasons and the sizes):
+- `topk` (first-token, uld): the teacher's top-k ids, exact (low 16 bits as uint16, the bits above packed into
+  uint8), their τ=1 log-probabilities (fp16) and the log tail mass (fp16): `TopKTarget` of docs/OBJECTIVE.md;
+- `final_hidden` (projector): the teacher's final hidden state (fp16).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from crosskd.config import Config
+from crosskd.data.collate import DualBatch
+from crosskd.data.sources import Document
+from crosskd.losses.target import TopKTarget
+from crosskd.teacher.online import TeacherSignal
+from crosskd.vocab.first_token import tokenizer_hash
+
+FORMAT_VERSION = 1
+INDEX_FILE = "index.json"
+KEY_BYTES = 16
+LOW_ID_BITS = 16
+# fp16 keeps 11 significant bits: a stored value x̂ of x satisfies |x̂ - x| <= 2^-11 |x| (and 2^-25 below fp16's normal
+# range, where the spacing is absolute). Values beyond ±65504 would become ±inf, which is why final hidden states are
+# checked before they are stored; log-probabilities below -65504 are probability 0 in float32 anyway.
+FP16_RELATIVE_ROUNDING = 2.0**-11
+FP16_ABSOLUTE_ROUNDING = 2.0**-25
+FP16_MAX = float(torch.finfo(torch.float16).max)
+
+
+def stored_signal(strategy: str) -> str:
+    """What a strategy reads from the teacher: the projector maps final hidden states, the others the top-k."""
+    return "final_hidden" if strategy == "projector" else "topk"
+
+
+def cache_dir_of(config: Config) -> Path:
+    return Path(config.teacher.cache_dir or Path(config.output.run_dir) / "teacher-cache")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Window keys
+
+
+def rows_per_window(batch: DualBatch) -> list[int]:
+    """How many aligned pairs (stored rows) each window of the batch has; a window's pairs are consecutive."""
+    return torch.bincount(batch.pair_batch.cpu(), minlength=len(batch.teacher_input_ids)).tolist()
+
+
+def window_keys(batch: DualBatch) -> list[bytes]:
+    """Each window's key: a hash of its teacher tokens (without padding) and its pairs' teacher positions."""
+    teacher_ids = batch.teacher_input_ids.cpu()
+    lengths = batch.teacher_attention_mask.sum(dim=1).tolist()
+    positions = batch.pair_teacher_pos.cpu().split(rows_per_window(batch))
+    keys = []
+    for row, length in enumerate(lengths):
+        digest = hashlib.blake2b(digest_size=KEY_BYTES)
+        digest.update(teacher_ids[row, :length].numpy().tobytes())
+        digest.update(b"/")
+        digest.update(positions[row].numpy().tobytes())
+        keys.append(digest.digest())
+    return keys
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The stored rows
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    signal: str  # "topk" | "final_hidden"
+    top_k: int
+    teacher_logit_size: int
+    hidden_size: int
+
+    @property
+    def id_high_bits(self) -> int:
+        """Bits above the low 16 of the largest teacher id, rounded up to a divisor of 8 so a byte holds whole ids."""
+        needed = max(0, (self.teacher_logit_size - 1).bit_length() - LOW_ID_BITS)
+        if needed > 8:
+            raise ValueError(f"teacher vocabularies over 2^24 ids are not supported (this one has "
+                             f"{self.teacher_logit_size})")
+        return next(bits for bits in (0, 1, 2, 4, 8) if bits >= needed)
+
+    @property
+    def high_bytes_per_row(self) -> int:
+        return math.ceil(self.top_k * self.id_high_bits / 8)
+
+    @property
+    def bytes_per_row(self) -> int:
+        if self.signal == "final_hidden":
+            return 2 * self.hidden_size
+        return 2 * self.top_k + self.high_bytes_per_row + 2 * self.top_k + 2  # ids, high id bits, log-probs, tail
+
+    def to_dict(self) -> dict:
+        return {"signal": self.signal, "top_k": self.top_k, "teacher_logit_size": self.teacher_logit_size,
+                "hidden_size": self.hidden_size}
+
+    def encode(self, signal: TeacherSignal) -> dict[str, Tensor]:
+        """The rows to store for `signal` (all its aligned pairs), on the CPU."""
+        if self.signal == "final_hidden":
+            hidden = signal.final_hidden.detach().float().cpu()
+            largest = hidden.abs().max().item() if hidden.numel() else 0.0
+            if not largest <= FP16_MAX:
+                raise ValueError(f"a teacher final hidden state reaches {largest:.4g}, beyond fp16's range "
+                                 f"(±{FP16_MAX:.0f}); this teacher cannot be cached for the projector strategy, "
+                                 "train it with teacher.source=online")
+            return {"final_hidden": hidden.half()}
+        topk = signal.topk
+        return {
+            **self._pack_ids(topk.ids.cpu()),
+            "topk_logp": topk.logp.detach().cpu().half(),
+            "tail_logmass": topk.tail_logmass.detach().cpu().half(),
+        }
+
+    def encode_empty(self) -> dict[str, Tensor]:
+        """Zero rows of every stored tensor: their names, dtypes and row shapes."""
+        no_rows = TopKTarget(torch.zeros(0, self.top_k, dtype=torch.int64), torch.zeros(0, self.top_k), torch.zeros(0))
+        return self.encode(TeacherSignal(topk=no_rows, final_hidden=torch.zeros(0, self.hidden_size)))
+
+    def decode(self, rows: dict[str, Tensor], device) -> TeacherSignal:
+        """The `TeacherSignal` of stored rows. A part the strategy does not read is not stored and comes back None."""
+        if self.signal == "final_hidden":
+            return TeacherSignal(topk=None, final_hidden=rows["final_hidden"].to(device).float())
+        topk = TopKTarget(
+            ids=self._unpack_ids(rows).to(device),
+            logp=rows["topk_logp"].to(device).float(),
+            tail_logmass=rows["tail_logmass"].to(device).float(),
+        )
+        return TeacherSignal(topk=topk, final_hidden=None)
+
+    def _pack_ids(self, ids: Tensor) -> dict[str, Tensor]:
+        packed = {"topk_ids_low": (ids & 0xFFFF).to(torch.int32).to(torch.uint16)}
+        bits = self.id_high_bits
+        if bits:
+            per_byte = 8 // bits
+            high = ids >> LOW_ID_BITS
+            high = torch.nn.functional.pad(high, (0, self.high_bytes_per_row * per_byte - self.top_k))
+            shifts = torch.arange(per_byte, dtype=torch.int64) * bits
+            grouped = high.view(len(ids), self.high_bytes_per_row, per_byte)
+            packed["topk_ids_high"] = (grouped << shifts).sum(-1).to(torch.uint8)
+        return packed
+
+    def _unpack_ids(self, rows: dict[str, Tensor]) -> Tensor:
+        ids = rows["topk_ids_low"].to(torch.int64)
+        bits = self.id_high_bits
+        if bits:
+            per_byte = 8 // bits
+            shifts = torch.arange(per_byte, dtype=torch.int64) * bits
+            high = (rows["topk_ids_high"].to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+            high = high.reshape(len(ids), self.high_bytes_per_row * per_byte)[:, : self.top_k]
+            ids = ids | (high << LOW_ID_BITS)
+        return ids
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The fingerprint: what must be equal for a cache to serve a run exactly
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """A cheap but identifying hash of a model: every tensor's name, shape and dtype, and 4096 values sampled across
+    it (a fine-tuned or re-quantised model differs in nearly every value, so a strided sample finds it)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)][:4096].float().cpu()
+        digest.update(f"{name}:{list(tensor.shape)}:{tensor.dtype}\n".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def documents_hash(documents: list[Document]) -> str:
+    digest = hashlib.sha256()
+    for document in sorted(documents, key=lambda d: d.name):
+        digest.update(f"{len(document.name)}:{document.name}:{len(document.text)}:".encode())
+        digest.update(document.text.encode("utf-8", errors="surrogatepass"))
+    return digest.hexdigest()
+
+
+DATA_KEYS = ("source", "text_field", "window_tokens", "heldout_documents", "eval_fraction", "eval_max_chars", "seed")
+# Fingerprint fields that must be equal, each with what changes it. Fields named like config keys are those keys.
+FINGERPRINT_FIELDS = {
+    "format": "the cache format of this crosskd version",
+    "teacher_weights": "models.teacher (its weights)",
+    "models.teacher_dtype": "models.teacher_dtype",
+    "teacher_tokenizer": "models.teacher (its tokenizer)",
+    "teacher_valid_ids": "models.teacher (which of its logit ids are padding)",
+    "student_tokenizer": "models.student (its tokenizer decides the windows and the aligned pairs)",
+    "corpus_text": "the documents of data.source (their text changed)",
+    **{f"data.{key}": f"data.{key}" for key in DATA_KEYS},
+    "training.mixed_precision": "training.mixed_precision (the teacher runs under the run's autocast)",
+    "objective.kd_top_k": "objective.kd_top_k",
+    "signal": "objective.strategy (projector reads final hidden states, first-token and uld the top-k)",
+}
+
+
+def run_fingerprint(config: Config, teacher, student_tokenizer, documents: list[Document]) -> dict:
+    """The fingerprint of the teacher signal a run reads. `teacher` is a loaded teacher (crosskd.models.loading)."""
+    return {
+        "format": FORMAT_VERSION,
+        "teacher": config.models.teacher,  # informative only: a moved folder is the same teacher
+        "teacher_weights": weights_hash(teacher.model),
+        "models.teacher_dtype": config.models.teacher_dtype,
+        "teacher_tokenizer": tokenizer_hash(teacher.tokenizer),
+        "teacher_valid_ids": hashlib.sha256(teacher.vocab.valid_mask.numpy().tobytes()).hexdigest(),
+        "student_tokenizer": tokenizer_hash(student_tokenizer),
+        "corpus_text": documents_hash(documents),
+        **{f"data.{key}": getattr(config.data, key) for key in DATA_KEYS},
+        "training.mixed_precision": config.training.mixed_precision,
+        "objective.kd_top_k": config.objective.kd_top_k,
+        "signal": stored_signal(config.objective.strategy),
+        "strategy": config.objective.strategy,  # informative only: first-token and uld read the same top-k
+    }
+
+
+def run_layout(config: Config, teacher) -> CacheLayout:
+    return CacheLayout(signal=stored_signal(config.objective.strategy), top_k=config.objective.kd_top_k,
+                       teacher_logit_size=teacher.vocab.logit_size,
+                       hidden_size=teacher.model.config.hidden_size)
+
+
+def fingerprint_difference(cached: dict, expected: dict) -> str | None:
+    """The first compared field that differs, with both values and what changes it; None if all match."""
+    for field, cause in FINGERPRINT_FIELDS.items():
+        if cached.get(field) != expected.get(field):
+            return (f"{field} differs (cache: {_short(cached.get(field))}, this run: {_short(expected.get(field))}; "
+                    f"set by {cause})")
+    return None
+
+
+def _short(value) -> str:
+    is_digest = isinstance(value, str) and len(value) == 64
+    return value[:12] + "…" if is_digest else json.dumps(value)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The index
+
+
+def read_index(cache_dir: Path) -> dict | None:
+    path = cache_dir / INDEX_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_index(cache_dir: Path, index: dict) -> None:
+    """Write then rename: a reader or a resumed writer never sees a half-written index."""
+    partial = cache_dir / f".{INDEX_FILE}.{os.getpid()}.tmp"
+    partial.write_text(json.dumps(index, indent=1))
+    os.replace(partial, cache_dir / INDEX_FILE)
