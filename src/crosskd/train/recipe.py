@@ -155,7 +155,7 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
     # --- data -----------------------------------------------------------------------------------------------------
     corpus = TrainingCorpus(config.data, student.tokenizer, teacher.tokenizer, teacher.vocab.pad_id)
     windows_per_step = training.batch_size * training.gradient_accumulation_steps * accelerator.num_processes
-    total_steps = training.max_steps or training.epochs * max(1, corpus.count_train_windows() // windows_per_step)
+    total_steps = corpus.optimizer_steps(training, windows_per_step)
 
     # --- objective and optimizer ---------------------------------------------------------------------------------
     settings = schedule_settings(config)
