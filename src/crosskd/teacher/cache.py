@@ -18,12 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator, PartialState
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from crosskd.config import Config, load_config, require_cacheable_terms
 from crosskd.data.collate import DualBatch, collate_windows
 from crosskd.data.sources import load_documents
+from crosskd.models.loading import load_model, load_tokenizer
 from crosskd.teacher.cache_format import (
     FORMAT_VERSION,
     INDEX_FILE,
@@ -40,6 +43,8 @@ from crosskd.teacher.cache_format import (
     write_index,
 )
 from crosskd.teacher.online import OnlineTeacher, TeacherSignal
+from crosskd.train.corpus import TrainingCorpus, windows_per_step
+from crosskd.train.precision import MixedPrecision
 
 DEFAULT_SHARD_MEGABYTES = 64
 WINDOW_BYTES = KEY_BYTES + 8  # a window's key and its row offset
@@ -64,10 +69,6 @@ class Budget:
 
     def to_dict(self) -> dict:
         return vars(self).copy()
-
-
-def windows_per_step(config: Config, processes: int) -> int:
-    return config.training.batch_size * config.training.gradient_accumulation_steps * processes
 
 
 def planned_batches(config: Config, corpus, teacher_pad_id: int, budget: Budget) -> Iterator[tuple[str, DualBatch]]:
@@ -178,13 +179,6 @@ def _cached_keys(cache_dir: Path, index: dict) -> set[bytes]:
 def write_teacher_cache(config: Config, processes: int = 1, shard_megabytes: float = DEFAULT_SHARD_MEGABYTES,
                         progress: bool = True) -> CacheSummary:
     """Run the teacher over the windows `config`'s run reads and store its signal; resume an interrupted cache."""
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
-
-    from crosskd.models.loading import load_model, load_tokenizer
-    from crosskd.train.corpus import TrainingCorpus
-    from crosskd.train.precision import MixedPrecision
-
     require_cacheable_terms(config)
     if processes < 1 or shard_megabytes <= 0:
         raise ValueError(f"processes ({processes}) must be at least 1 and shard_megabytes ({shard_megabytes}) positive")
@@ -196,7 +190,7 @@ def write_teacher_cache(config: Config, processes: int = 1, shard_megabytes: flo
     teacher.model.to(accelerator.device)
     student_tokenizer = load_tokenizer(config.models.student, "student")
     corpus = TrainingCorpus(config.data, student_tokenizer, teacher.tokenizer, teacher.vocab.pad_id)
-    step_windows = windows_per_step(config, processes)
+    step_windows = windows_per_step(config.training, processes)
     budget = Budget(config.training.max_steps, config.training.epochs, step_windows,
                     corpus.optimizer_steps(config.training, step_windows) * step_windows)
     layout = run_layout(config, teacher)
@@ -330,8 +324,6 @@ class CachedTeacher:
 
 def open_teacher_cache(config: Config, teacher, student_tokenizer) -> CachedTeacher:
     """The cache `config` names, after checking it was written for exactly this run's teacher signal."""
-    from accelerate import PartialState
-
     cache_dir = cache_dir_of(config)
     index = read_index(cache_dir)
     rerun = "Run `crosskd cache-teacher` with this run's config"
@@ -358,7 +350,7 @@ def open_teacher_cache(config: Config, teacher, student_tokenizer) -> CachedTeac
 def _require_budget(cached: Budget, config: Config, processes: int, cache_dir: Path) -> None:
     """The run must read no training window beyond the cached ones (they are a prefix of the same stream)."""
     training = config.training
-    step_windows = windows_per_step(config, processes)
+    step_windows = windows_per_step(config.training, processes)
     if training.max_steps is not None:
         needed = training.max_steps * step_windows
         if needed <= cached.training_windows:

@@ -22,6 +22,11 @@ EVAL_WINDOWS = 8  # held-out windows for knowledge-retention metrics
 PREPARATION_WINDOWS = 16  # training windows for fitting what must be sane before step 0 (the projector)
 
 
+def windows_per_step(training: TrainingConfig, num_processes: int) -> int:
+    """Windows one optimizer step reads from the global stream: every micro-batch of every process."""
+    return training.batch_size * training.gradient_accumulation_steps * num_processes
+
+
 class TrainingCorpus:
     def __init__(self, data: DataConfig, student_tokenizer, teacher_tokenizer, teacher_pad_id: int):
         self.config = data

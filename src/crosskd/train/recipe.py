@@ -39,7 +39,7 @@ from crosskd.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from crosskd.train.corpus import TrainingCorpus
+from crosskd.train.corpus import TrainingCorpus, windows_per_step
 from crosskd.train.logbook import Logbook, check_sum, format_step_line
 from crosskd.train.objective import DistillationObjective, schedule_settings
 from crosskd.train.precision import MixedPrecision
@@ -154,8 +154,8 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
 
     # --- data -----------------------------------------------------------------------------------------------------
     corpus = TrainingCorpus(config.data, student.tokenizer, teacher.tokenizer, teacher.vocab.pad_id)
-    windows_per_step = training.batch_size * training.gradient_accumulation_steps * accelerator.num_processes
-    total_steps = corpus.optimizer_steps(training, windows_per_step)
+    step_windows = windows_per_step(training, accelerator.num_processes)
+    total_steps = corpus.optimizer_steps(training, step_windows)
 
     # --- objective and optimizer ---------------------------------------------------------------------------------
     settings = schedule_settings(config)
@@ -248,7 +248,7 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
                 # The data position advances with the step count, never before: a checkpoint written after an
                 # interruption inside the step must point at the step's first window, or a resume would skip it.
                 state.step += 1
-                state.windows_consumed += windows_per_step
+                state.windows_consumed += step_windows
                 logbook.advance()
 
                 if debug:
