@@ -217,6 +217,8 @@ def write_teacher_cache(config: Config, processes: int = 1, shard_megabytes: flo
         index = existing
         shard_micro_batches = index["plan"]["shard_micro_batches"]
     cache_dir.mkdir(parents=True, exist_ok=True)
+    for partial in cache_dir.glob(".*.tmp"):  # left by a killed writer; only renamed files are part of the cache
+        partial.unlink()
     writer = _ShardWriter(cache_dir, index)
     resumed_at = writer.start
     print(f"caching the teacher signal ({layout.signal}, k={layout.top_k}) of {survey['micro_batches']} micro-batches "

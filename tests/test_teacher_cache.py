@@ -1,0 +1,299 @@
+"""The teacher cache on the tiny pair: exact ids, fp16-rounded values, training equal to online training within that
+rounding, two temperatures from one cache (reproducible), refusals naming the field, resume after a kill."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+
+import crosskd.teacher.cache as cache_module
+from crosskd.config import ConfigError
+from crosskd.data.collate import collate_windows
+from crosskd.data.sources import Document
+from crosskd.data.windows import dual_windows
+from crosskd.losses.target import TopKTarget
+from crosskd.models.loading import load_model
+from crosskd.teacher.cache import TeacherCacheError, open_teacher_cache, planned_batches, write_teacher_cache
+from crosskd.teacher.cache_format import FP16_ABSOLUTE_ROUNDING, FP16_RELATIVE_ROUNDING, CacheLayout, read_index
+from crosskd.teacher.online import OnlineTeacher, TeacherSignal
+from crosskd.train.corpus import TrainingCorpus
+from trainer_helpers import log_records, run_training, tiny_config, write_corpus
+
+STEPS = 3
+# Tolerances of cached against online training (docs/CACHE.md, "Exactness"). The stored log-probabilities are within
+# 2^-11 relative of the online ones; the KD value moves by at most about that relative amount times the mass-weighted
+# |log p| of the target (a few nats), so 1e-3 relative bounds it with room; the measured gap is ~2e-4. The LM loss
+# does not read the teacher: it moves only through the student's parameters after a step on a slightly different KD.
+KD_RELATIVE_TOLERANCE = 1e-3
+LM_RELATIVE_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("shared") / "teacher-cache"
+
+
+def cached_run_config(tmp_path, corpus, cache_dir, *overrides):
+    return tiny_config(tmp_path, f"training.max_steps={STEPS}", f"teacher.cache_dir={cache_dir}", *overrides,
+                       corpus=corpus)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory, corpus, cache_dir):
+    """The cache of a 3-step tiny run, written once for the module."""
+    config = cached_run_config(tmp_path_factory.mktemp("writer"), corpus, cache_dir)
+    return config, write_teacher_cache(config, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    return load_model("tiny:teacher", "teacher"), load_model("tiny:student", "student")
+
+
+def within_fp16_rounding(stored: torch.Tensor, exact: torch.Tensor) -> bool:
+    finite = torch.isfinite(exact)
+    if not torch.equal(finite, torch.isfinite(stored)) or not torch.equal(stored[~finite], exact[~finite]):
+        return False
+    error = (stored[finite] - exact[finite]).abs()
+    return bool((error <= FP16_RELATIVE_ROUNDING * exact[finite].abs() + FP16_ABSOLUTE_ROUNDING).all())
+
+
+# --- the stored rows ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("logit_size", "top_k", "high_bytes"), [(151_936, 256, 64), (151_936, 7, 2), (768, 32, 0),
+                                                                 (2**20, 5, 3)])
+def test_teacher_ids_are_stored_exactly_in_16_bits_plus_packed_high_bits(logit_size, top_k, high_bytes):
+    layout = CacheLayout("topk", top_k, logit_size, hidden_size=8)
+    ids = torch.randint(0, logit_size, (50, top_k))
+    ids[0, 0], ids[1, -1] = logit_size - 1, 0
+    logp = torch.randn(50, top_k).abs().neg().sort(dim=-1, descending=True).values
+    signal = TeacherSignal(topk=TopKTarget(ids, logp, torch.full((50,), -3.0)), final_hidden=None)
+    rows = layout.encode(signal)
+    assert layout.high_bytes_per_row == high_bytes
+    assert sum(tensor[0].numel() * tensor.element_size() for tensor in rows.values()) == layout.bytes_per_row
+    decoded = layout.decode(rows, "cpu").topk
+    assert torch.equal(decoded.ids, ids)
+    assert within_fp16_rounding(decoded.logp, logp)
+
+
+def test_reference_teacher_at_k_256_needs_1090_bytes_per_aligned_position():
+    assert CacheLayout("topk", 256, 151_936, 896).bytes_per_row == 1090
+    assert CacheLayout("topk", 64, 151_936, 896).bytes_per_row == 274
+    assert CacheLayout("final_hidden", 256, 151_936, 896).bytes_per_row == 1792
+
+
+def test_bf16_rounding_would_fail_the_fp16_bound():
+    # The bound the cache is tested against is tight enough to tell fp16 from bf16 (which loses up to ~6%).
+    logp = -torch.linspace(0.01, 20, 1000)
+    assert within_fp16_rounding(logp.half().float(), logp)
+    assert not within_fp16_rounding(logp.bfloat16().float(), logp)
+
+
+def test_stored_signal_is_the_online_signal_within_fp16_rounding(written, tiny_pair):
+    config, summary = written
+    teacher, student = tiny_pair
+    cached = open_teacher_cache(config, teacher, student.tokenizer)
+    online = OnlineTeacher(teacher.model, teacher.vocab.valid_mask, config.objective.kd_top_k, 64)
+    corpus = TrainingCorpus(config.data, student.tokenizer, teacher.tokenizer, teacher.vocab.pad_id)
+    budget = cache_module.Budget(STEPS, 1, config.training.batch_size, STEPS * config.training.batch_size)
+    stages = set()
+    for stage, batch in planned_batches(config, corpus, teacher.vocab.pad_id, budget):
+        stages.add(stage)
+        exact, stored = online.signal(batch).topk, cached.signal(batch).topk
+        assert torch.equal(stored.ids, exact.ids)
+        assert within_fp16_rounding(stored.logp, exact.logp)
+        assert within_fp16_rounding(stored.tail_logmass, exact.tail_logmass)
+    assert stages == {"training", "evaluation"}
+    assert summary.positions == sum(shard["positions"] for shard in read_index(summary.cache_dir)["shards"])
+    assert summary.bytes_per_position < CacheLayout("topk", 32, teacher.vocab.logit_size, 96).bytes_per_row + 1
+
+
+def test_a_window_the_cache_does_not_hold_is_an_error(written, tiny_pair):
+    config, _ = written
+    teacher, student = tiny_pair
+    cached = open_teacher_cache(config, teacher, student.tokenizer)
+    windows = list(dual_windows([Document("new", "def other():\n    return 42\n" * 20)], student.tokenizer,
+                                teacher.tokenizer, config.data.window_tokens))
+    with pytest.raises(TeacherCacheError, match="not in the teacher cache"):
+        cached.signal(collate_windows(windows[:1], teacher.vocab.pad_id))
+
+
+# --- training from the cache -------------------------------------------------------------------------------------------
+
+
+def no_online_teacher(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the online teacher ran in a cached run")
+
+    monkeypatch.setattr(OnlineTeacher, "signal", refuse)
+
+
+def test_training_from_the_cache_gives_the_online_losses_within_fp16_rounding(written, corpus, cache_dir, tmp_path,
+                                                                             monkeypatch):
+    online_config = tiny_config(tmp_path / "online", f"training.max_steps={STEPS}", corpus=corpus)
+    run_training(online_config)
+    no_online_teacher(monkeypatch)
+    cached_config = cached_run_config(tmp_path / "cached", corpus, cache_dir, "teacher.source=cache")
+    run_training(cached_config)
+
+    online, cached = log_records(online_config.output.run_dir), log_records(cached_config.output.run_dir)
+    assert len(online) == len(cached) == STEPS
+    for exact, from_cache in zip(online, cached):
+        assert from_cache["loss/kd"] > 0
+        assert math.isclose(from_cache["loss/kd"], exact["loss/kd"], rel_tol=KD_RELATIVE_TOLERANCE)
+        assert math.isclose(from_cache["loss/lm"], exact["loss/lm"], rel_tol=LM_RELATIVE_TOLERANCE)
+    (online_eval,), (cached_eval,) = (log_records(c.output.run_dir, "eval") for c in (online_config, cached_config))
+    # The teacher's top-1 can flip only where its two best log-probabilities are within fp16 rounding of each other.
+    assert math.isclose(cached_eval["top1_agreement"], online_eval["top1_agreement"], abs_tol=0.01)
+    for key in ("kl_teacher_student", "eval_kd"):
+        assert math.isclose(cached_eval[key], online_eval[key], rel_tol=KD_RELATIVE_TOLERANCE)
+    assert math.isclose(cached_eval["bpb"], online_eval["bpb"], rel_tol=LM_RELATIVE_TOLERANCE)
+
+
+def test_two_students_with_different_temperatures_train_from_one_cache_reproducibly(written, corpus, cache_dir,
+                                                                                   tmp_path, monkeypatch):
+    no_online_teacher(monkeypatch)
+    kd_by_temperature = {}
+    for temperature in (1.0, 4.0):
+        runs = []
+        for attempt in range(2):
+            config = cached_run_config(tmp_path / f"t{temperature}-{attempt}", corpus, cache_dir,
+                                       "teacher.source=cache", f"schedule.temperature_start={temperature}",
+                                       f"schedule.temperature_end={temperature}")
+            run_training(config)
+            runs.append([(r["temperature"], r["total"], r["loss/lm"], r["loss/kd"])
+                         for r in log_records(config.output.run_dir)])
+        assert runs[0] == runs[1]  # bit for bit
+        assert all(record[0] == temperature for record in runs[0])
+        kd_by_temperature[temperature] = [record[3] for record in runs[0]]
+    assert kd_by_temperature[1.0] != kd_by_temperature[4.0]
+
+
+# --- refusals ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["objective.kd_top_k=16"], "objective.kd_top_k differs"),
+        (["data.window_tokens=32"], "data.window_tokens differs"),
+        (["data.seed=1"], "data.seed differs"),
+        (["models.teacher_dtype=bfloat16"], "models.teacher_dtype differs"),
+        (["objective.strategy=projector", "objective.divergence=null"], "signal differs"),
+        ([f"training.max_steps={STEPS + 1}"], "does not cover this run: this run reads 8 training windows"),
+        (["training.max_steps=null", "training.epochs=1"], "does not cover this run"),
+    ],
+)
+def test_a_cache_written_for_another_run_is_refused_naming_what_differs(written, corpus, cache_dir, tiny_pair,
+                                                                         tmp_path, overrides, message):
+    teacher, student = tiny_pair
+    config = cached_run_config(tmp_path, corpus, cache_dir, *overrides)
+    with pytest.raises(TeacherCacheError, match=message) as error:
+        open_teacher_cache(config, teacher, student.tokenizer)
+    assert "crosskd cache-teacher" in str(error.value)
+
+
+def test_a_shorter_run_or_another_top_k_strategy_reads_the_same_cache(written, corpus, cache_dir, tiny_pair, tmp_path):
+    teacher, student = tiny_pair
+    for overrides in (["training.max_steps=1"], ["objective.strategy=uld", "objective.divergence=null"]):
+        open_teacher_cache(cached_run_config(tmp_path, corpus, cache_dir, *overrides), teacher, student.tokenizer)
+
+
+def test_changed_corpus_text_is_refused(corpus, tiny_pair, tmp_path):
+    teacher, student = tiny_pair
+    own_corpus = shutil.copytree(corpus, tmp_path / "corpus")
+    config = cached_run_config(tmp_path, own_corpus, tmp_path / "cache", "training.max_steps=1")
+    write_teacher_cache(config, progress=False)
+    document = next(path for path in sorted(own_corpus.iterdir()) if path.name != "heldout.txt")
+    document.write_text(document.read_text() + "\n# one more line\n")  # same source, same settings, other text
+    with pytest.raises(TeacherCacheError, match="corpus_text differs"):
+        open_teacher_cache(config, teacher, student.tokenizer)
+
+
+def test_missing_cache_is_refused_with_the_command_to_write_it(tiny_pair, corpus, tmp_path):
+    teacher, student = tiny_pair
+    config = cached_run_config(tmp_path, corpus, tmp_path / "nowhere")
+    with pytest.raises(TeacherCacheError, match="holds no teacher cache.*crosskd cache-teacher"):
+        open_teacher_cache(config, teacher, student.tokenizer)
+
+
+@pytest.mark.parametrize("term", ["attention_alpha", "layerwise_alpha", "feature_alpha"])
+def test_terms_a_cache_cannot_serve_are_refused_by_the_config(tmp_path, term):
+    overrides = ["teacher.source=cache", "router.enabled=true", "router.feature_alpha=0", f"router.{term}=0.1"]
+    with pytest.raises(ConfigError, match=f"router.{term} is 0.1 but a teacher cache cannot serve it"):
+        tiny_config(tmp_path, *overrides)
+    tiny_config(tmp_path, *overrides[1:])  # the same terms online are fine
+
+
+# --- resuming ----------------------------------------------------------------------------------------------------------
+
+
+def test_a_killed_cache_resumes_after_its_last_complete_shard_and_ends_identical(written, corpus, tiny_pair, tmp_path,
+                                                                                 monkeypatch):
+    reference_config, reference = written
+    teacher, student = tiny_pair
+    config = cached_run_config(tmp_path, corpus, tmp_path / "cache")
+    tiny_shards = 0.005  # megabytes: one micro-batch per shard
+
+    flush = cache_module._ShardWriter.flush
+    flushes = []
+
+    def killed_after_two_shards(self, end, layout):
+        if len(flushes) == 2:
+            raise KeyboardInterrupt
+        flushes.append(end)
+        flush(self, end, layout)
+
+    monkeypatch.setattr(cache_module._ShardWriter, "flush", killed_after_two_shards)
+    with pytest.raises(KeyboardInterrupt):
+        write_teacher_cache(config, shard_megabytes=tiny_shards, progress=False)
+    monkeypatch.setattr(cache_module._ShardWriter, "flush", flush)
+    with pytest.raises(TeacherCacheError, match=r"incomplete \(2 of 7 micro-batches\).*it resumes"):
+        open_teacher_cache(config, teacher, student.tokenizer)
+
+    teacher_batches = []
+    signal = OnlineTeacher.signal
+    monkeypatch.setattr(OnlineTeacher, "signal", lambda self, batch, **kw: teacher_batches.append(1) or
+                        signal(self, batch, **kw))
+    resumed = write_teacher_cache(config, shard_megabytes=tiny_shards, progress=False)
+    assert resumed.resumed_at == 2 and len(teacher_batches) == reference.micro_batches - 2 == 5
+    assert not list((tmp_path / "cache").glob(".*.tmp"))
+
+    straight = open_teacher_cache(reference_config, teacher, student.tokenizer)
+    pieced = open_teacher_cache(config, teacher, student.tokenizer)
+    assert len(pieced.shards) == 7 and pieced.locations.keys() == straight.locations.keys()
+    for key in straight.locations:
+        a, b = straight._window_rows(key), pieced._window_rows(key)
+        assert all(torch.equal(a[name], b[name]) for name in straight.row_names)
+
+
+def test_a_cache_folder_holding_another_runs_cache_is_not_overwritten(written, corpus, cache_dir, tmp_path):
+    config = cached_run_config(tmp_path, corpus, cache_dir, "data.seed=3")
+    with pytest.raises(TeacherCacheError, match="already holds a teacher cache for another run: data.seed differs"):
+        write_teacher_cache(config, progress=False)
+
+
+# --- the projector's final hidden states -------------------------------------------------------------------------------
+
+
+def test_projector_cache_stores_final_hidden_states_of_its_preparation_windows(corpus, tiny_pair, tmp_path):
+    teacher, student = tiny_pair
+    config = cached_run_config(tmp_path, corpus, tmp_path / "cache", "objective.strategy=projector",
+                               "objective.divergence=null", "training.max_steps=1")
+    write_teacher_cache(config, progress=False)
+    cached = open_teacher_cache(config, teacher, student.tokenizer)
+    online = OnlineTeacher(teacher.model, teacher.vocab.valid_mask, config.objective.kd_top_k, 64)
+    corpus_ = TrainingCorpus(config.data, student.tokenizer, teacher.tokenizer, teacher.vocab.pad_id)
+    for batch in corpus_.preparation_batches(config.training.batch_size, "cpu"):
+        stored = cached.signal(batch)
+        assert stored.topk is None
+        assert within_fp16_rounding(stored.final_hidden, online.signal(batch).final_hidden)
