@@ -1,4 +1,4 @@
-"""The training loop on the tiny pair: finite, decreasing losses; honest logs; non-finite steps; the exported student."""
+"""The training loop on the tiny pair: finite, decreasing losses, honest logs, non-finite steps, the export."""
 
 from __future__ import annotations
 
@@ -12,12 +12,22 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import crosskd.train.recipe as recipe
 from crosskd.config import load_config
+from crosskd.data.collate import collate_windows
 from crosskd.evaluate import bits_per_byte
+from crosskd.models.loading import load_model
+from crosskd.schedules import loss_weights, temperature
 from crosskd.train.checkpoint import checkpoint_name, list_checkpoints, load_checkpoint
+from crosskd.train.corpus import TrainingCorpus
 from crosskd.train.logbook import check_sum
-from crosskd.train.objective import DistillationObjective
+from crosskd.train.objective import DistillationObjective, schedule_settings
 from crosskd.train.recipe import TrainingStopped
-from trainer_helpers import log_records, run_training, tiny_config, write_single_window_corpus
+from trainer_helpers import (
+    inject_nan_loss,
+    log_records,
+    run_training,
+    tiny_config,
+    write_single_window_corpus,
+)
 
 
 def test_loop_runs_with_finite_losses_whose_components_add_up(tmp_path, capsys):
@@ -58,31 +68,12 @@ def test_loss_decreases_on_a_repeated_batch(tmp_path):
     assert records[-1]["total"] < records[0]["total"]
 
 
-def _inject_nan(monkeypatch, nan_calls) -> list[dict[str, torch.Tensor]]:
-    """Make the objective's LM term NaN on the given forward calls (one call per step here); return the student's
-    weights as seen at the start of every call."""
-    original = DistillationObjective.forward
-    calls = itertools.count(1)
-    weights_seen = []
-
-    def forward(self, *args, **kwargs):
-        call = next(calls)
-        weights_seen.append({n: p.detach().clone() for n, p in self._student[0].model.named_parameters()})
-        terms = original(self, *args, **kwargs)
-        if call in nan_calls:
-            terms["lm"] = dataclasses.replace(terms["lm"], value=terms["lm"].value * math.nan)
-        return terms
-
-    monkeypatch.setattr(DistillationObjective, "forward", forward)
-    return weights_seen
-
-
 def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return all(torch.equal(a[name], b[name]) for name in a)
 
 
 def test_nonfinite_loss_skips_the_step_and_counts_it(tmp_path, monkeypatch):
-    weights_seen = _inject_nan(monkeypatch, nan_calls={2})
+    weights_seen = inject_nan_loss(monkeypatch, nan_calls={2})
     config = tiny_config(tmp_path, "training.max_steps=4")
     result = run_training(config)
 
@@ -98,7 +89,7 @@ def test_nonfinite_loss_skips_the_step_and_counts_it(tmp_path, monkeypatch):
 
 def test_consecutive_nonfinite_steps_stop_the_run_with_a_checkpoint_and_the_likely_causes(tmp_path, monkeypatch,
                                                                                             capsys):
-    weights_seen = _inject_nan(monkeypatch, nan_calls=set(range(2, 100)))
+    weights_seen = inject_nan_loss(monkeypatch, nan_calls=set(range(2, 100)))
     config = tiny_config(tmp_path, "training.max_steps=20", "training.max_consecutive_nonfinite=3")
     with pytest.raises(TrainingStopped, match="3 non-finite steps in a row. Likely causes: a learning rate"):
         run_training(config)
@@ -158,3 +149,39 @@ def _eval_text(config) -> str:
 
     (heldout,) = [d for d in load_documents(config.data.source) if d.name in config.data.heldout_documents]
     return heldout.text
+
+
+def _student_gradients(student_model) -> torch.Tensor:
+    gradients = torch.cat([p.grad.reshape(-1) for p in student_model.parameters() if p.grad is not None])
+    student_model.zero_grad(set_to_none=True)
+    return gradients
+
+
+def test_accumulating_unequal_micro_batches_equals_one_large_batch(tmp_path):
+    config = tiny_config(tmp_path)
+    teacher = load_model(config.models.teacher, "teacher")
+    student = load_model(config.models.student, "student")
+    corpus = TrainingCorpus(config.data, student.tokenizer, teacher.tokenizer, teacher.vocab.pad_id)
+    settings = schedule_settings(config)
+    objective = DistillationObjective(config, teacher, student, settings)
+    weights, tau = loss_weights(0.5, settings), temperature(0.5, settings)
+    windows = list(itertools.islice(corpus._all_windows(), 3))
+    small, large = (collate_windows(part, teacher.vocab.pad_id) for part in (windows[:1], windows[1:]))
+    whole = collate_windows(windows, teacher.vocab.pad_id)
+
+    def gradient(micro_batches, counts) -> torch.Tensor:
+        for batch, step_counts in zip(micro_batches, counts):
+            loss, _ = objective.combine(objective(batch, weights, tau), step_counts, weights, len(micro_batches), 1)
+            loss.backward()
+        return _student_gradients(student.model)
+
+    step_counts = objective.count_positions([small, large], None)
+    small_counts, large_counts = (objective.count_positions([b], None) for b in (small, large))
+    assert small_counts["lm"] != large_counts["lm"] and small_counts["kd"] != large_counts["kd"]
+
+    one_batch = gradient([whole], [objective.count_positions([whole], None)])
+    accumulated = gradient([small, large], [step_counts, step_counts])
+    torch.testing.assert_close(accumulated, one_batch, rtol=1e-5, atol=1e-5)
+    # Normalising each micro-batch by its own counts (a mean per micro-batch) is measurably different.
+    per_micro_batch = gradient([small, large], [small_counts, large_counts])
+    assert (per_micro_batch - one_batch).abs().max() > 1e-3

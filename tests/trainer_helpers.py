@@ -6,13 +6,19 @@ training step takes a fraction of a second on a shared 2-core CPU.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
+import math
 from pathlib import Path
+
+import torch
 
 from accelerate.state import AcceleratorState
 
 from crosskd.config import Config, load_config
 from crosskd.data.stdlib import stdlib_root
+from crosskd.train.objective import DistillationObjective
 from crosskd.train.recipe import TrainResult, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,3 +72,22 @@ def run_training(config: Config, resume: str | None = None, debug: bool = False)
     included) in a process-wide singleton that an earlier run in the same pytest process must not leak into."""
     AcceleratorState._reset_state(reset_partial_state=True)
     return train(config, resume=resume, debug=debug)
+
+
+def inject_nan_loss(monkeypatch, nan_calls) -> list[dict[str, torch.Tensor]]:
+    """Make the objective's LM term NaN on the given forward calls (one call per step here); return the student's
+    weights as seen at the start of every call."""
+    original = DistillationObjective.forward
+    calls = itertools.count(1)
+    weights_seen = []
+
+    def forward(self, *args, **kwargs):
+        call = next(calls)
+        weights_seen.append({n: p.detach().clone() for n, p in self._student[0].model.named_parameters()})
+        terms = original(self, *args, **kwargs)
+        if call in nan_calls:
+            terms["lm"] = dataclasses.replace(terms["lm"], value=terms["lm"].value * math.nan)
+        return terms
+
+    monkeypatch.setattr(DistillationObjective, "forward", forward)
+    return weights_seen

@@ -1,0 +1,68 @@
+"""Bits per byte under two CPU processes (gloo) equals one process: every window is scored exactly once.
+
+`accelerate launch --cpu --num_processes 2` starts ONE process on a machine without MPI (its simple launcher ignores
+the count), so the test launches through torchrun (`--multi_gpu`) with ACCELERATE_USE_CPU=true, which makes
+accelerate pick MULTI_CPU with the gloo backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from crosskd.data.encoding import encode_with_byte_spans
+from crosskd.evaluate import bits_per_byte
+from crosskd.models.loading import load_model
+from trainer_helpers import REPO, write_corpus
+
+WINDOW = 128  # small windows: the text gives an odd number of them, so the processes get unequal shares
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    from accelerate import Accelerator
+    from crosskd.evaluate import bits_per_byte
+    from crosskd.models.loading import load_model
+
+    accelerator = Accelerator()
+    student = load_model("tiny:student", "student")
+    text = open(sys.argv[1], encoding="utf-8").read()
+    result = bits_per_byte(student.model, student.tokenizer, text, window=int(sys.argv[2]), accelerator=accelerator)
+    if accelerator.is_main_process:
+        json.dump({"processes": accelerator.num_processes, "backend": accelerator.state.backend,
+                   **vars(result)}, open(sys.argv[3], "w"))
+""")
+
+
+def _launch_two_cpu_processes(arguments: list[str], timeout: float) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", "0", *arguments]
+    environment = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment, cwd=REPO)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed
+
+
+@pytest.mark.distributed
+def test_bits_per_byte_over_two_processes_counts_every_window_once(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    text_file = corpus / "heldout.txt"
+    script, output = tmp_path / "bpb.py", tmp_path / "bpb.json"
+    script.write_text(SCRIPT)
+    _launch_two_cpu_processes([str(script), str(text_file), str(WINDOW), str(output)], timeout=120)
+    distributed = json.loads(output.read_text())
+
+    student = load_model("tiny:student", "student")
+    single = bits_per_byte(student.model, student.tokenizer, text_file.read_text(encoding="utf-8"), window=WINDOW)
+    windows = -(-len(encode_with_byte_spans(student.tokenizer, text_file.read_text(encoding="utf-8"))) // WINDOW)
+    assert windows % 2 == 1 and windows >= 3, windows  # an uneven split between the two processes
+    assert (distributed["processes"], distributed["backend"]) == (2, "gloo")
+    assert distributed["scored_tokens"] == single.scored_tokens
+    assert distributed["scored_bytes"] == single.scored_bytes
+    assert distributed["bits_per_byte"] == pytest.approx(single.bits_per_byte, rel=1e-9)
+    assert distributed["perplexity"] == pytest.approx(single.perplexity, rel=1e-9)
