@@ -20,7 +20,7 @@ from crosskd.teacher.cache import TeacherCacheError, open_teacher_cache, planned
 from crosskd.teacher.cache_format import FP16_ABSOLUTE_ROUNDING, FP16_RELATIVE_ROUNDING, CacheLayout, read_index
 from crosskd.teacher.online import OnlineTeacher, TeacherSignal
 from crosskd.train.corpus import TrainingCorpus
-from trainer_helpers import log_records, run_training, tiny_config, write_corpus
+from trainer_helpers import log_records, run_training, tiny_config, write_corpus, write_single_window_corpus
 
 STEPS = 3
 # Tolerances of cached against online training (docs/CACHE.md, "Exactness"). The stored log-probabilities are within
@@ -274,6 +274,20 @@ def test_a_killed_cache_resumes_after_its_last_complete_shard_and_ends_identical
     for key in straight.locations:
         a, b = straight._window_rows(key), pieced._window_rows(key)
         assert all(torch.equal(a[name], b[name]) for name in straight.row_names)
+
+
+def test_a_window_read_again_is_stored_once_and_still_served(tiny_pair, tmp_path):
+    teacher, student = tiny_pair
+    corpus = write_single_window_corpus(tmp_path / "corpus")  # every step reads the same window
+    config = cached_run_config(tmp_path, corpus, tmp_path / "cache", "training.batch_size=1")
+    summary = write_teacher_cache(config, shard_megabytes=0.001, progress=False)  # one micro-batch per shard
+    shards = read_index(summary.cache_dir)["shards"]
+    assert [shard["windows"] for shard in shards[:STEPS]] == [1, 0, 0]  # the training window, then the same again
+    assert summary.windows - summary.unique_windows == STEPS - 1
+    cached = open_teacher_cache(config, teacher, student.tokenizer)
+    teacher_corpus = TrainingCorpus(config.data, student.tokenizer, teacher.tokenizer, teacher.vocab.pad_id)
+    window = next(teacher_corpus.train_windows(0, 0, 1, batch_size=1))
+    assert cached.signal(collate_windows(window, teacher.vocab.pad_id)).topk.ids.shape[1] == config.objective.kd_top_k
 
 
 def test_a_cache_folder_holding_another_runs_cache_is_not_overwritten(written, corpus, cache_dir, tmp_path):

@@ -157,7 +157,8 @@ class _ShardWriter:
         empty = layout.encode_empty()
         tensors = {row_name: torch.cat([empty[row_name], *(rows[row_name] for rows in self.rows)])
                    for row_name in empty}
-        tensors["window_keys"] = torch.frombuffer(bytearray(b"".join(self.keys)), dtype=torch.uint8).view(-1, KEY_BYTES)
+        keys = torch.tensor(list(b"".join(self.keys)), dtype=torch.uint8)
+        tensors["window_keys"] = keys.reshape(len(self.keys), KEY_BYTES)  # no rows when every window was cached before
         tensors["window_offsets"] = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)
         partial = self.cache_dir / f".{name}.{os.getpid()}.tmp"
         save_file(tensors, str(partial))
@@ -225,7 +226,8 @@ def write_teacher_cache(config: Config, processes: int = 1, shard_megabytes: flo
           f"= {survey['unique_windows']} windows, {survey['positions']} aligned positions into {cache_dir}: "
           f"estimated {estimate / 2**20:.1f} MiB ({layout.bytes_per_row} bytes per aligned position, "
           f"{estimate / max(1, survey['student_tokens']):.0f} per student token)"
-          + (f"; resuming after {resumed_at} micro-batches" if resumed_at else ""), flush=True)
+          + ("; already complete" if index["complete"] else
+             f"; resuming after {resumed_at} micro-batches" if resumed_at else ""), flush=True)
 
     if not index["complete"]:
         source = OnlineTeacher(teacher.model, teacher.vocab.valid_mask, config.objective.kd_top_k,
