@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shlex
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -114,7 +116,7 @@ class CacheSummary:
                 f"{self.positions} aligned positions, {self.bytes / 2**20:.1f} MiB = "
                 f"{self.bytes_per_position:.0f} bytes per aligned position, "
                 f"{self.bytes_per_student_token:.0f} bytes per student token; "
-                f"{self.seconds:.1f} s" + (f" (resumed after {self.resumed_at} micro-batches)" if self.resumed_at else ""))
+                f"{self.seconds:.1f} s" + (f" ({self.resumed_at} micro-batches were already cached)" if self.resumed_at else ""))
 
 
 def _survey(batches: Iterator[tuple[str, DualBatch]]) -> dict:
@@ -373,9 +375,14 @@ def _require_budget(cached: Budget, config: Config, processes: int, cache_dir: P
 
 def cli_cache_teacher(args) -> int:
     config = load_config(args.config, args.overrides)
-    summary = write_teacher_cache(config, processes=args.processes,
-                                  shard_megabytes=args.shard_megabytes or DEFAULT_SHARD_MEGABYTES)
+    try:
+        summary = write_teacher_cache(config, processes=args.processes,
+                                      shard_megabytes=args.shard_megabytes or DEFAULT_SHARD_MEGABYTES)
+    except TeacherCacheError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(summary.describe())
-    print(f"train from it with: crosskd train {args.config} {' '.join(args.overrides)} teacher.source=cache "
-          f"teacher.cache_dir={summary.cache_dir}".replace("  ", " "))
+    train = ["crosskd", "train", args.config, *args.overrides, "teacher.source=cache",
+             f"teacher.cache_dir={summary.cache_dir}"]
+    print(f"train from it with: {shlex.join(train)}")
     return 0
