@@ -100,8 +100,9 @@ def main() -> None:
     runs = {name: pooled(measured) for name, measured in rounds.items()}
     lm_only = runs["lm_only"]["median_step_seconds"]
     result = {
-        "what": "median optimizer-step time (s) over steps 2-6 of every round of configs/reference.yaml (first-token, forward KL, "
-                "k=256, batch 4 x 256 student tokens, fp32), and teacher-cache sizes of the same run",
+        "what": "median optimizer-step time (s) over steps 2-6 of every round of configs/reference.yaml "
+                "(first-token, forward KL, k=256, batch 4 x 256 student tokens, fp32), and teacher-cache sizes of the "
+                "same run",
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "contended": any(max(measured["load_average_before"] + measured["load_average_after"])
                                      > os.cpu_count() for run in runs.values() for measured in run["rounds"])},

@@ -66,7 +66,7 @@ def within_fp16_rounding(stored: torch.Tensor, exact: torch.Tensor) -> bool:
     return bool((error <= FP16_RELATIVE_ROUNDING * exact[finite].abs() + FP16_ABSOLUTE_ROUNDING).all())
 
 
-# --- the stored rows ---------------------------------------------------------------------------------------------------
+# --- the stored rows -------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("logit_size", "top_k", "high_bytes"), [(151_936, 256, 64), (151_936, 7, 2), (768, 32, 0),
@@ -127,7 +127,7 @@ def test_a_window_the_cache_does_not_hold_is_an_error(written, tiny_pair):
         cached.signal(collate_windows(windows[:1], teacher.vocab.pad_id))
 
 
-# --- training from the cache -------------------------------------------------------------------------------------------
+# --- training from the cache -----------------------------------------------------------------------------------------
 
 
 def no_online_teacher(monkeypatch):
@@ -178,7 +178,7 @@ def test_two_students_with_different_temperatures_train_from_one_cache_reproduci
     assert kd_by_temperature[1.0] != kd_by_temperature[4.0]
 
 
-# --- refusals ----------------------------------------------------------------------------------------------------------
+# --- refusals --------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -234,7 +234,7 @@ def test_terms_a_cache_cannot_serve_are_refused_by_the_config(tmp_path, term):
     tiny_config(tmp_path, *overrides[1:])  # the same terms online are fine
 
 
-# --- resuming ----------------------------------------------------------------------------------------------------------
+# --- resuming --------------------------------------------------------------------------------------------------------
 
 
 def test_a_killed_cache_resumes_after_its_last_complete_shard_and_ends_identical(written, corpus, tiny_pair, tmp_path,
@@ -296,7 +296,7 @@ def test_a_cache_folder_holding_another_runs_cache_is_not_overwritten(written, c
         write_teacher_cache(config, progress=False)
 
 
-# --- the projector's final hidden states -------------------------------------------------------------------------------
+# --- the projector's final hidden states -----------------------------------------------------------------------------
 
 
 def test_projector_cache_stores_final_hidden_states_of_its_preparation_windows(corpus, tiny_pair, tmp_path):

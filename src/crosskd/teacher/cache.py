@@ -116,7 +116,8 @@ class CacheSummary:
                 f"{self.positions} aligned positions, {self.bytes / 2**20:.1f} MiB = "
                 f"{self.bytes_per_position:.0f} bytes per aligned position, "
                 f"{self.bytes_per_student_token:.0f} bytes per student token; "
-                f"{self.seconds:.1f} s" + (f" ({self.resumed_at} micro-batches were already cached)" if self.resumed_at else ""))
+                f"{self.seconds:.1f} s"
+                + (f" ({self.resumed_at} micro-batches were already cached)" if self.resumed_at else ""))
 
 
 def _survey(batches: Iterator[tuple[str, DualBatch]]) -> dict:
