@@ -133,9 +133,8 @@ def measure(pair: Pair, windows: list[str]) -> dict:
         true_ids = torch.from_numpy(window.student.ids)[window.student_pos + 1]
         student_logp = window.student_logits[window.student_pos].log_softmax(-1)
         parts["student"].append(-student_logp.gather(-1, true_ids[:, None]).squeeze(-1).double())
-        target = push_topk_through_map(
-            teacher_topk(window.teacher_logits[window.teacher_pos], TOP_K, pair.teacher_valid_mask), token_map.teacher_to_student
-        )
+        topk = teacher_topk(window.teacher_logits[window.teacher_pos], TOP_K, pair.teacher_valid_mask)
+        target = push_topk_through_map(topk, token_map.teacher_to_student)
         parts["mapped"].append(nll_under_mapped_target(target, true_ids, student_vocab))
         parts["kept"].append(first_token_kd_pairs(window.student_next_bytes, window.teacher_next_bytes))
         teacher_ids = torch.from_numpy(window.teacher.ids)

@@ -117,7 +117,8 @@ def main() -> None:
     result = {
         "command": "python bench/step0_sanity.py",
         "measured_on": f"held-out stdlib text, first {MEASURE_WINDOWS} windows of ~256 student tokens",
-        "raw_kd": "mean forward KL(teacher atoms || student atoms) per KD pair, before τ² and weights; top-k 256 + tail",
+        "raw_kd": "mean per KD pair of the strategy's distance (forward KL of the atoms for first-token and projector), "
+                  "before τ² and weights; top-k 256 + tail",
         "first-token": {"kd_by_temperature": first_token_step0(pair, measure_windows)},
         "projector": projector_step0(pair, train, prefit_heldout, measure_windows),
         "uld": {"kd_by_temperature": uld_step0(pair, measure_windows)},
