@@ -255,23 +255,31 @@ class DistillationObjective(nn.Module):
         """Plain fine-tuning (kd_alpha 0, no feature terms): the teacher is not run during training at all."""
         return self.settings.kd_alpha == 0 and self.projector is None and not self.uses_hidden_states
 
+    def use_student_forward(self, module: nn.Module) -> None:
+        """Run the student's training forward through `module`: the data-parallel wrapper accelerate made, so that
+        its gradient synchronisation happens (calling the inner model's parts directly would skip it)."""
+        self._student_forward = [module]
+
+    def _student_outputs(self, batch, attentions: bool = False):
+        """The student's forward for training. `logits_to_keep=1` stops the LM head from building [B, N, V] logits;
+        the losses compute them chunk by chunk from the final hidden state (`hidden_states[-1]`, after the norm)."""
+        forward = self._student_forward[0] if hasattr(self, "_student_forward") else self._student[0].model
+        return forward(input_ids=batch.student_input_ids, attention_mask=batch.student_attention_mask,
+                       output_hidden_states=True, output_attentions=attentions, logits_to_keep=1)
+
     def forward(self, batch, weights: dict[str, float], temperature: float,
                 signal: TeacherSignal | None = None) -> dict[str, Term]:
         student_model = self._student[0].model
         if self.lm_only:
-            hidden = student_model.base_model(input_ids=batch.student_input_ids,
-                                              attention_mask=batch.student_attention_mask).last_hidden_state
+            hidden = self._student_outputs(batch).hidden_states[-1]
             lm_sum, _ = chunked_cross_entropy(hidden.reshape(-1, hidden.shape[-1]),
                                               student_model.get_output_embeddings().weight,
                                               batch.student_targets.reshape(-1), self.chunk_size)
             return {"lm": Term(lm_sum, PER_TOKEN, count_key="lm", weight_key="lm")}
         attentions = self._wants_attentions(weights)
         signal = signal or self._teacher_signal(batch, weights)
-        outputs = student_model.base_model(
-            input_ids=batch.student_input_ids, attention_mask=batch.student_attention_mask,
-            output_hidden_states=self.uses_hidden_states, output_attentions=attentions,
-        )
-        hidden = outputs.last_hidden_state
+        outputs = self._student_outputs(batch, attentions)
+        hidden = outputs.hidden_states[-1]
         kd_mask = self.kd_pair_mask(batch)
         kd_rows = (batch.pair_batch * hidden.shape[1] + batch.pair_student_pos)[kd_mask]
         sums = self._lm_and_kd(hidden.reshape(-1, hidden.shape[-1]), student_model, batch, kd_rows,

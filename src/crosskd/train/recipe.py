@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
@@ -167,8 +167,15 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
             print(objective.prefit_report.describe(), flush=True)
     optimizer = build_optimizer(config, student.model, objective)
     scheduler = build_scheduler(config, optimizer, total_steps)
-    student_model, objective, optimizer = accelerator.prepare(student.model, objective, optimizer)
-    student.model = student_model
+    # `student.model` stays the plain model (attributes, checkpoints, export); training forwards go through the
+    # prepared wrapper so data parallelism synchronises gradients. The objective is prepared only when it has
+    # parameters of its own (projector, heads): DDP refuses a module with nothing to train.
+    objective.to(accelerator.device)  # its buffers (the first-token map) must sit beside the batches
+    student_forward = accelerator.prepare(student.model)
+    objective.use_student_forward(student_forward)
+    has_parameters = bool(objective.projector_parameters() or objective.head_parameters())
+    objective_forward = accelerator.prepare(objective) if has_parameters else objective
+    optimizer = accelerator.prepare(optimizer)
 
     state = TrainingState()
     if resume:
@@ -212,10 +219,13 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
                 step_components: dict[str, float] = {}
                 for index, batch in enumerate(micro_batches):
                     last = index == len(micro_batches) - 1
-                    sync = contextlib.nullcontext() if last else accelerator.no_sync(student.model)
+                    sync = contextlib.ExitStack()
+                    if not last:  # gradients are all-reduced once per step, on the last micro-batch
+                        for module in {student_forward, objective_forward}:
+                            sync.enter_context(accelerator.no_sync(module))
                     with sync:
                         with precision.autocast():
-                            terms = objective(batch, weights, tau)
+                            terms = objective_forward(batch, weights, tau)
                         loss, weighted = objective.combine(terms, counts, weights, len(micro_batches),
                                                            accelerator.num_processes)
                         precision.backward(loss)
@@ -223,6 +233,11 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
                     for name, value in weighted.items():
                         step_components[name] = step_components.get(name, 0.0) + value
                     tokens_since_log += int(batch.student_attention_mask.sum())
+                if accelerator.num_processes > 1:
+                    # Each process logged its share of every component; the shares add up to the global value.
+                    names = sorted(step_components)
+                    shares = torch.tensor([step_components[n] for n in names], device=accelerator.device)
+                    step_components = dict(zip(names, accelerator.reduce(shares, reduction="sum").tolist()))
 
                 grad_norm = precision.unscale_and_clip(optimizer, objective.all_trainable(student.model),
                                                        config.optimizer.grad_clip)
@@ -407,6 +422,8 @@ def cli_train(args) -> int:
         result = train(config, resume=args.resume, debug=args.debug)
     except TrainingStopped:
         return 1  # the reason and the emergency checkpoint were printed when the run stopped
+    if not PartialState().is_main_process:
+        return 0
     teacher = f"{result.teacher_bpb:.4f}" if result.teacher_bpb is not None else "n/a"
     print(
         f"\nheld-out bits per byte: student before {result.initial_bpb:.4f} -> best {result.best_bpb:.4f} "
