@@ -63,8 +63,8 @@ def test_numbers_are_read_as_the_declared_type():
     ("overrides", "reason"),
     [
         (["objective.strategy=uld", "objective.divergence=forward_kl"], "ULD is a distance of its own"),
-        (["objective.strategy=projector", "objective.mismatch_policy=chain-rule"], "only to the first-token strategy"),
-        (["objective.strategy=uld", "objective.divergence=null", "objective.mismatch_policy=chain-rule"],
+        (["objective.strategy=projector", "objective.mismatch_policy=keep"], "only to the first-token strategy"),
+        (["objective.strategy=uld", "objective.divergence=null", "objective.mismatch_policy=keep"],
          "only to the first-token strategy"),
         (["data.heldout_documents=[]", "data.eval_fraction=0"], "no held-out split"),
         (["router.enabled=true", "router.top_k=5", "router.num_experts=4"], r"router.top_k \(5\)"),
@@ -79,8 +79,8 @@ def test_combinations_that_make_no_sense_are_rejected_with_the_reason(overrides,
 
 def test_the_valid_counterparts_of_rejected_combinations_load():
     assert load_config(TINY_CONFIG, ["objective.strategy=uld", "objective.divergence=null"]).objective.strategy == "uld"
-    chain = load_config(TINY_CONFIG, ["objective.mismatch_policy=chain-rule"])
-    assert chain.objective.mismatch_policy == "chain-rule"
+    kept = load_config(TINY_CONFIG, ["objective.mismatch_policy=keep"])
+    assert kept.objective.mismatch_policy == "keep"
 
 
 def test_dotted_overrides_reach_nested_sections_and_win_over_the_file():

@@ -60,7 +60,9 @@ class ObjectiveConfig:
     kd_top_k: int = 256
     lm_alpha: float = 1.0
     kd_alpha: float = 1.0
-    # first-token: what to do where the student's next token runs past the teacher's (see docs/VOCAB.md).
+    # first-token: where the student's next token runs past the teacher's, the mapped target gives the true token
+    # almost no probability (~17 nats, docs/VOCAB.md): `exclude` leaves those pairs out of KD, `keep` (ablations
+    # only) keeps them.
     mismatch_policy: str = "exclude"
     scale_by_t2: bool = True
     chunk_size: int = 256  # positions per float32 logit chunk
@@ -161,7 +163,7 @@ class Config:
 
 STRATEGIES = ("first-token", "projector", "uld")
 DIVERGENCE_NAMES = ("forward_kl", "reverse_kl", "generalized_jsd", "total_variation", "skew_kl")
-MISMATCH_POLICIES = ("exclude", "chain-rule")
+MISMATCH_POLICIES = ("exclude", "keep")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -274,8 +276,9 @@ def validate(config: Config) -> None:
             )
     elif objective.divergence is not None:
         _choice(objective.divergence, DIVERGENCE_NAMES, "objective.divergence")
-    if objective.mismatch_policy == "chain-rule" and objective.strategy != "first-token":
-        raise ConfigError("objective.mismatch_policy 'chain-rule' applies only to the first-token strategy")
+    if objective.mismatch_policy == "keep" and objective.strategy != "first-token":
+        raise ConfigError("objective.mismatch_policy 'keep' applies only to the first-token strategy: the others "
+                          "have no first-token mismatch to keep or exclude")
     if objective.kd_top_k < 1:
         raise ConfigError("objective.kd_top_k must be at least 1")
     if config.data.window_tokens < 2:
