@@ -143,11 +143,17 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
     precision = MixedPrecision(accelerator, training.mixed_precision)
     set_seed(training.seed)
     main = accelerator.is_main_process
+
+    def phase(text: str) -> None:  # the minutes before the first step should not look like a hang
+        if main:
+            print(text, flush=True)
+
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         config.save(run_dir / "config.yaml")
 
     # --- models ---------------------------------------------------------------------------------------------------
+    phase(f"loading teacher {config.models.teacher} and student {config.models.student}")
     teacher = load_model(config.models.teacher, "teacher", dtype=config.models.teacher_dtype)
     student = load_model(config.models.student, "student")
     teacher.model.to(accelerator.device)
@@ -159,6 +165,8 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
 
     # --- objective and optimizer ---------------------------------------------------------------------------------
     settings = schedule_settings(config)
+    phase(f"preparing the {config.objective.strategy} objective ({total_steps} optimizer steps of "
+          f"{step_windows} windows of {config.data.window_tokens} tokens)")
     objective = DistillationObjective(config, teacher, student, settings)
     if objective.needs_preparation:
         objective.prepare(corpus.preparation_batches(training.batch_size, accelerator.device), accelerator.device,
@@ -183,6 +191,7 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
 
     # --- evaluation before training -------------------------------------------------------------------------------
     eval_text = corpus.eval_text()
+    phase(f"measuring held-out bits per byte of teacher and student ({len(eval_text):,} characters)")
     unwrapped_student = accelerator.unwrap_model(student.model)
     teacher_bpb = bits_per_byte(teacher.model, teacher.tokenizer, eval_text, accelerator=accelerator).bits_per_byte
     initial = bits_per_byte(unwrapped_student, student.tokenizer, eval_text, accelerator=accelerator)
