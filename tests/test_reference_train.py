@@ -45,3 +45,19 @@ def test_short_distillation_of_the_reference_pair(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(result.student_dir)
     reloaded = bits_per_byte(model, tokenizer, heldout_text()).bits_per_byte
     assert reloaded == pytest.approx(result.best_bpb, abs=1e-4)
+
+
+def test_the_trainers_first_windows_are_the_benchmark_protocols():
+    import itertools
+
+    from crosskd.data.windows import protocol_train_windows, window_ids_sha256
+    from crosskd.models.loading import load_tokenizer
+    from crosskd.train.corpus import TrainingCorpus
+
+    ensure_reference_models(check_bpb=False)
+    config = load_config("configs/reference.yaml")
+    student, teacher = load_tokenizer("reference:student"), load_tokenizer("reference:teacher")
+    corpus = TrainingCorpus(config.data, student, teacher, teacher.pad_token_id)
+    stream = corpus.train_windows(start=0, process_index=0, num_processes=1, batch_size=4)
+    trainer_windows = [window for batch in itertools.islice(stream, 60) for window in batch]
+    assert window_ids_sha256(trainer_windows) == window_ids_sha256(protocol_train_windows(student, teacher))

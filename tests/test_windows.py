@@ -208,3 +208,18 @@ def test_collate_masks_student_padding_in_targets():
     assert batch.student_attention_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
     with pytest.raises(ValueError, match="no windows"):
         collate_windows([], teacher_pad_id=0)
+
+
+def test_separator_is_endoftext_even_when_it_is_also_the_unk_token():
+    # SmolLM2's <|endoftext|> (id 0) doubles as its unk token; falling back to eos (<|im_end|>) there once changed
+    # every window of the benchmark protocol.
+    import copy
+
+    from crosskd.data.windows import separator_id
+    from crosskd.testing.tiny_tokenizers import END_OF_TEXT, byte_level_bpe
+
+    tokenizer = copy.deepcopy(byte_level_bpe(300))
+    tokenizer.add_special_tokens({"unk_token": END_OF_TEXT, "eos_token": "<|im_end|>"})
+    assert tokenizer.unk_token_id == tokenizer.convert_tokens_to_ids(END_OF_TEXT)
+    assert tokenizer.eos_token_id != tokenizer.unk_token_id
+    assert separator_id(tokenizer) == tokenizer.convert_tokens_to_ids(END_OF_TEXT)

@@ -38,7 +38,9 @@ def separator_id(tokenizer) -> int:
     """The token that joins documents: `<|endoftext|>` if the vocabulary has it (chat models' eos is often an
     end-of-turn token instead), else the eos token."""
     token_id = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
-    if token_id is not None and token_id != tokenizer.unk_token_id:
+    # A missing token converts to the unk id; compare the token itself, because some vocabularies (SmolLM's) use
+    # <|endoftext|> as their unk token too.
+    if token_id is not None and tokenizer.convert_ids_to_tokens(token_id) == END_OF_TEXT:
         return int(token_id)
     if tokenizer.eos_token_id is not None:
         return int(tokenizer.eos_token_id)

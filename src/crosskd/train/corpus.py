@@ -1,6 +1,7 @@
 """The run's text as the loop sees it: a held-out text, and an endless, deterministic stream of training windows.
 
-Epoch e shuffles the training documents (sorted by name) with `random.Random(seed + e)`: with seed 0 the first epoch
+Epoch e shuffles the training documents (in the source's own deterministic order: sorted paths for files and the
+stdlib, row order for datasets) with `random.Random(seed + e)`: with seed 0 the first epoch
 is exactly the benchmark protocol's window order. The stream is one global sequence of windows; each optimizer step
 takes `batch_size x accumulation x processes` consecutive windows and process p reads its own slice of each
 micro-batch, so the data position of a resumed run is a single number (`windows_consumed`).
@@ -38,7 +39,7 @@ class TrainingCorpus:
         if not train:
             raise ValueError(f"data.source {data.source!r} leaves no training documents after the held-out split; "
                              "add documents or reduce data.heldout_documents / data.eval_fraction")
-        self.train_documents = sorted(train, key=lambda document: document.name)
+        self.train_documents = list(train)
         self.heldout_documents = _in_requested_order(held_out, data.heldout_documents)
 
     def eval_text(self) -> str:
