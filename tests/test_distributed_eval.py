@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -18,7 +17,7 @@ import pytest
 from crosskd.data.encoding import encode_with_byte_spans
 from crosskd.evaluate import bits_per_byte
 from crosskd.models.loading import load_model
-from trainer_helpers import REPO, write_corpus
+from trainer_helpers import REPO, launch_command, write_corpus
 
 WINDOW = 128  # small windows: the text gives an odd number of them, so the processes get unequal shares
 
@@ -39,9 +38,8 @@ SCRIPT = textwrap.dedent("""
 
 
 def _launch_two_cpu_processes(arguments: list[str], timeout: float) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", "0", *arguments]
+    command = [*launch_command(2), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               *arguments]
     environment = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment, cwd=REPO)
     assert completed.returncode == 0, completed.stderr[-3000:]

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from trainer_helpers import REPO
+from trainer_helpers import REPO, launch_command
 
 pytestmark = pytest.mark.distributed
 
@@ -31,8 +31,7 @@ def _run(tmp_path, name: str, processes: int, batch_size: int) -> list[float]:
     if processes == 1:
         command = [sys.executable, "-m", "crosskd.cli", "train"]
     else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                   str(processes), "-m", "crosskd.cli", "train"]
+        command = [*launch_command(processes), "-m", "crosskd.cli", "train"]
     environment = {**os.environ, "ACCELERATE_USE_CPU": "true"}
     completed = subprocess.run(command + COMMON + overrides + ["--debug"], cwd=REPO, env=environment, capture_output=True,
                                text=True, timeout=600)

@@ -10,6 +10,8 @@ import dataclasses
 import itertools
 import json
 import math
+import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -22,6 +24,16 @@ from crosskd.train.objective import DistillationObjective
 from crosskd.train.recipe import TrainResult, train
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def launch_command(processes: int) -> list[str]:
+    """`accelerate launch` of N CPU processes (gloo; the environment needs ACCELERATE_USE_CPU=true) on a port of its
+    own: back-to-back launches on torchrun's default port can collide while the last one's socket is closing."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--main_process_port", str(port)]
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 HELDOUT_NAME = "heldout.txt"
 # Real, varied text: consecutive training windows differ, so a wrong data position after resume changes the losses.
