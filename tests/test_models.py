@@ -12,7 +12,7 @@ from transformers import ByT5Tokenizer, PreTrainedTokenizerFast
 
 from crosskd.models.loading import ModelNotFoundError, load_model, load_tokenizer, resolve_spec
 from crosskd.models.moe import expert_usage_entropy, is_moe_config, router_logits
-from crosskd.models.vocab import VOCAB_FACTS_FILE, detect_vocab_facts
+from crosskd.models.vocab import VOCAB_FACTS_FILE
 from crosskd.testing.tiny_models import (
     STUDENT_VOCAB,
     TEACHER_NAMED_PADDING,
