@@ -323,7 +323,7 @@ def plot(results: dict[str, dict], path: Path = PLOT_PATH) -> None:
     order = sorted(trained, key=lambda m: trained[m]["bpb_final"])
     colours = {"A": "tab:gray", "B": "tab:orange", "C": "tab:blue"}
     figure, axes = plt.subplots(figsize=(8, 4.2))
-    bars = axes.bar(order, [trained[m]["bpb_final"] for m in order],
+    bars = axes.bar(order, [trained[m]["bpb_final"] for m in order], width=0.6,
                     color=[colours.get(trained[m]["group"], "tab:blue") for m in order])
     axes.bar_label(bars, fmt="%.3f", fontsize=8)
     before = next((r["bpb_student_before"] for r in trained.values() if "bpb_student_before" in r), None)
@@ -336,7 +336,8 @@ def plot(results: dict[str, dict], path: Path = PLOT_PATH) -> None:
     axes.set_ylim(low, (before or max(r["bpb_final"] for r in trained.values())) + 0.02)
     axes.set_ylabel("held-out bits per byte (lower is better)")
     steps = next((r["steps"] for r in trained.values() if "steps" in r), PROTOCOL_STEPS)
-    axes.set_title(f"Reference pair, {steps} steps x 4 windows x 256 tokens (grey: LM-only, orange: TRL GOLD)")
+    axes.set_title(f"Reference pair, {steps} steps x 4 windows x 256 tokens\n"
+                   "grey: LM-only, orange: TRL GOLD, blue: crosskd", fontsize=10)
     plt.setp(axes.get_xticklabels(), rotation=20, ha="right")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
