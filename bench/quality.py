@@ -99,6 +99,13 @@ def result_path(method: str) -> Path:
     return RESULTS_DIR / f"{method}.json"
 
 
+def is_current(method: str) -> bool:
+    """A result file counts as done unless it was trained on windows other than the protocol's (files written
+    before the trainer's windows were fixed to match it are re-measured)."""
+    path = result_path(method)
+    return path.exists() and json.loads(path.read_text()).get("windows", {}).get("match", True)
+
+
 def reproduce_command(method: str, steps: int) -> str:
     steps_flag = "" if steps == PROTOCOL_STEPS else f" --steps {steps}"
     return f"python bench/quality.py --methods {method}{steps_flag} --force"
@@ -374,7 +381,7 @@ def main() -> int:
             parser.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
         failed = []
         for method in methods:
-            if result_path(method).exists() and not args.force:
+            if is_current(method) and not args.force:
                 print(f"{method}: {result_path(method).relative_to(REPO)} exists, skipped (--force re-measures)")
                 continue
             worker = [sys.executable, __file__, "--worker", method, "--steps", str(args.steps)]
