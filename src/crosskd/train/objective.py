@@ -87,6 +87,7 @@ class DistillationObjective(nn.Module):
         self.scale_by_t2 = objective.scale_by_t2
         self.exclude_mismatch = objective.mismatch_policy == "exclude"
         self._student = [student]  # a list hides it from nn.Module registration
+        self._student_forward = [student.model]  # replaced by the data-parallel wrapper in use_student_forward
         self._teacher_source = (
             open_teacher_cache(config, teacher, student.tokenizer) if config.teacher.source == "cache"
             else OnlineTeacher(teacher.model, teacher.vocab.valid_mask, objective.kd_top_k, objective.chunk_size)
@@ -203,8 +204,7 @@ class DistillationObjective(nn.Module):
         features, targets, hidden_rows, nll = [], [], [], []
         for batch in batches:
             signal = self._teacher_source.signal(batch)
-            hidden = model.base_model(input_ids=batch.student_input_ids,
-                                      attention_mask=batch.student_attention_mask).last_hidden_state
+            hidden = self._student_outputs(batch).hidden_states[-1]
             rows = hidden[batch.pair_batch, batch.pair_student_pos]
             next_ids = batch.student_targets[batch.pair_batch, batch.pair_student_pos]
             logits = model.get_output_embeddings()(rows).float()
@@ -261,11 +261,13 @@ class DistillationObjective(nn.Module):
         self._student_forward = [module]
 
     def _student_outputs(self, batch, attentions: bool = False):
-        """The student's forward for training. `logits_to_keep=1` stops the LM head from building [B, N, V] logits;
-        the losses compute them chunk by chunk from the final hidden state (`hidden_states[-1]`, after the norm)."""
-        forward = self._student_forward[0] if hasattr(self, "_student_forward") else self._student[0].model
-        return forward(input_ids=batch.student_input_ids, attention_mask=batch.student_attention_mask,
-                       output_hidden_states=True, output_attentions=attentions, logits_to_keep=1)
+        """The one student forward (training, projector pre-fit, retention). `logits_to_keep=1` stops the LM head from
+        building [B, N, V] logits; the losses compute them chunk by chunk from the final hidden state
+        (`hidden_states[-1]`, after the norm)."""
+        return self._student_forward[0](
+            input_ids=batch.student_input_ids, attention_mask=batch.student_attention_mask,
+            output_hidden_states=True, output_attentions=attentions, logits_to_keep=1,
+        )
 
     def forward(self, batch, weights: dict[str, float], temperature: float,
                 signal: TeacherSignal | None = None) -> dict[str, Term]:
@@ -400,8 +402,7 @@ class DistillationObjective(nn.Module):
         student_model = self._student[0].model
         kd_mask = self.kd_pair_mask(batch)
         target = self._mapped_teacher(signal, kd_mask)
-        hidden = student_model.base_model(input_ids=batch.student_input_ids,
-                                          attention_mask=batch.student_attention_mask).last_hidden_state
+        hidden = self._student_outputs(batch).hidden_states[-1]
         rows = hidden[batch.pair_batch[kd_mask], batch.pair_student_pos[kd_mask]]
         logits = student_model.get_output_embeddings()(rows).float()
         student_logp, teacher_logp = support_atoms(logits, target, temperature=1.0)
