@@ -342,6 +342,8 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
     if main:
         export_student(best, student, objective, student_dir)
     final_bpb = state.history[-1]["bpb"] if state.history else initial.bits_per_byte
+    # Tear the process group down before the interpreter exits: gloo's threads otherwise abort the process at exit.
+    accelerator.end_training()
     return TrainResult(
         run_dir=run_dir, student_dir=student_dir, steps=state.step, initial_bpb=initial.bits_per_byte,
         final_bpb=final_bpb, best_bpb=state.best_bpb, best_step=state.best_step, teacher_bpb=teacher_bpb,
