@@ -24,11 +24,17 @@ from crosskd.data.alignment import align
 from crosskd.data.encoding import EncodedText, encode_with_byte_spans
 from crosskd.data.stdlib import heldout_text
 from crosskd.losses.target import MappedTarget, teacher_topk
-from crosskd.models.vocab import detect_vocab_facts, read_vocab_record
-from crosskd.vocab.first_token import first_token_kd_pairs, load_or_build_first_token_map, push_topk_through_map
+from crosskd.models.loading import load_model
+from crosskd.vocab.first_token import (
+    first_token_kd_pairs,
+    load_or_build_first_token_map,
+    load_or_build_student_groups,
+    push_topk_through_map,
+)
 
-STUDENT_DIR = Path(os.environ.get("CROSSKD_STUDENT", "/tmp/modelpkgs/student_hf"))
-TEACHER_DIR = Path(os.environ.get("CROSSKD_TEACHER", "/tmp/modelpkgs/teacher_hf"))
+# Model specs (crosskd.models.loading): the reference pair from `crosskd setup-models` unless overridden.
+STUDENT = os.environ.get("CROSSKD_STUDENT", "reference:student")
+TEACHER = os.environ.get("CROSSKD_TEACHER", "reference:teacher")
 RESULTS = Path(__file__).parent / "results"
 TOP_K = 256
 WINDOW_CHARS = 1000  # about 256 student tokens of Python source
@@ -62,14 +68,10 @@ class WindowPass:
 
 
 def load_reference_pair() -> Pair:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    student_tokenizer = AutoTokenizer.from_pretrained(STUDENT_DIR)
-    teacher_tokenizer = AutoTokenizer.from_pretrained(TEACHER_DIR)
-    student = AutoModelForCausalLM.from_pretrained(STUDENT_DIR, dtype=torch.float32).eval()
-    teacher = AutoModelForCausalLM.from_pretrained(TEACHER_DIR, dtype=torch.float32).eval()
-    facts = detect_vocab_facts(teacher_tokenizer, teacher.config.vocab_size, read_vocab_record(TEACHER_DIR))
-    return Pair(student_tokenizer, teacher_tokenizer, student, teacher, facts.valid_mask)
+    student = load_model(STUDENT, "student")
+    teacher = load_model(TEACHER, "teacher")
+    return Pair(student.tokenizer, teacher.tokenizer, student.model.eval(), teacher.model.eval(),
+                teacher.vocab.valid_mask)
 
 
 def text_windows(text: str, count: int, window_chars: int = WINDOW_CHARS) -> list[str]:
@@ -126,7 +128,9 @@ def measure(pair: Pair, windows: list[str]) -> dict:
     token_map = load_or_build_first_token_map(pair.student_tokenizer, pair.teacher_tokenizer, pair.teacher_valid_mask,
                                               pair.student.config.vocab_size)
     student_vocab = pair.student.config.vocab_size
-    parts = {name: [] for name in ("student", "mapped", "kept", "chain", "on_boundary")}
+    groups = load_or_build_student_groups(pair.student_tokenizer, pair.teacher_tokenizer, student_vocab)
+    teacher_to_root = groups.root_of(token_map.teacher_to_student)
+    parts = {name: [] for name in ("student", "mapped", "kept", "chain", "on_boundary", "student_group", "merged")}
     for text in windows:
         window = run_window(pair, text)
         true_ids = torch.from_numpy(window.student.ids)[window.student_pos + 1]
@@ -136,12 +140,19 @@ def measure(pair: Pair, windows: list[str]) -> dict:
         target = push_topk_through_map(topk, token_map.teacher_to_student)
         parts["mapped"].append(nll_under_mapped_target(target, true_ids, student_vocab))
         parts["kept"].append(first_token_kd_pairs(window.student_next_bytes, window.teacher_next_bytes))
+        # mismatch_policy 'merge': the event 'the next student token is in the true token's group', every pair.
+        true_roots = groups.root_of(true_ids)
+        member_mass = groups.member_mass_at(student_logp, true_roots[:, None]).squeeze(-1)
+        parts["student_group"].append(-torch.logaddexp(student_logp.gather(-1, true_roots[:, None]).squeeze(-1),
+                                                       member_mass.log()).double())
+        merged_target = push_topk_through_map(topk, teacher_to_root)
+        parts["merged"].append(nll_under_mapped_target(merged_target, true_roots, student_vocab - len(groups.members)))
         teacher_ids = torch.from_numpy(window.teacher.ids)
         teacher_logp = window.teacher_logits[:-1].masked_fill(~pair.teacher_valid_mask, -math.inf).log_softmax(-1)
         chain, on_boundary = chain_rule_nll(window, teacher_logp.gather(-1, teacher_ids[1:, None]).squeeze(-1))
         parts["chain"].append(chain)
         parts["on_boundary"].append(on_boundary)
-    student, mapped, kept, chain, on_boundary = (torch.cat(parts[name]) for name in parts)
+    student, mapped, kept, chain, on_boundary, student_group, merged = (torch.cat(parts[name]) for name in parts)
     excluded = ~kept
     chained = excluded & on_boundary
     return {
@@ -159,6 +170,14 @@ def measure(pair: Pair, windows: list[str]) -> dict:
         "excluded_pairs_ending_on_teacher_boundary": int(chained.sum()),
         "chain_rule_teacher_nll_on_those": float(chain[chained].mean()) if chained.any() else None,
         "student_nll_on_those": float(student[chained].mean()) if chained.any() else None,
+        "merge_policy": {
+            "what": "every aligned pair; NLL of the true token's group (mismatch_policy 'merge')",
+            "kd_pairs": int(kept.numel()),
+            "merged_teacher_group_nll": float(merged.mean()),
+            "student_group_nll": float(student_group.mean()),
+            "nll_gain": float(student_group.mean() - merged.mean()),
+            "student_groups": len(groups.members),
+        },
     }
 
 
@@ -171,7 +190,7 @@ def main(argv: list[str]) -> None:
         "command": "python bench/first_token_nll.py " + " ".join(argv),
         "text": f"crosskd.data.stdlib.heldout_text(), first {window_count} windows of ~{WINDOW_CHARS} chars",
         "top_k": TOP_K,
-        "mismatch_policy": "exclude",
+        "mismatch_policy": "exclude (and merge: see merge_policy)",
         **measure(pair, windows),
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -79,7 +79,22 @@ class Method:
     group: str  # the issue's letter: A lm-only, B TRL GOLD, C crosskd, D teacher
     overrides: tuple[str, ...]  # dotted overrides of configs/reference.yaml on top of PROTOCOL_OVERRIDES
     description: str
+    off_protocol: bool = False  # overrides a protocol setting (marked in the table, never a default candidate)
 
+    @property
+    def cached(self) -> bool:
+        return "teacher.source=cache" in self.overrides
+
+
+def from_cache(top_k: int = 256) -> tuple[str, ...]:
+    """Overrides that train from a teacher cache of the protocol windows. Methods that read the same top-k share one
+    cache folder (its fingerprint has no temperature, weight or divergence in it); the worker writes it when missing."""
+    return ("teacher.source=cache", f"objective.kd_top_k={top_k}",
+            f"teacher.cache_dir={RUNS_DIR / f'teacher-cache-k{top_k}'}")
+
+
+TAU_ONE = ("schedule.temperature_start=1.0", "schedule.temperature_end=1.0")
+NO_KD_WARMUP = ("schedule.kd_warmup_start=1.0",)
 
 METHODS: dict[str, Method] = {
     LM_ONLY: Method("A", ("objective.kd_alpha=0",), "LM-only fine-tuning of the student"),
@@ -90,6 +105,21 @@ METHODS: dict[str, Method] = {
     # ULD is a distance of its own: the reference config's divergence must be unset.
     "uld": Method("C", ("objective.strategy=uld", "objective.divergence=null"), "ULD (sorted-probability L1)"),
     "router": Method("C", ("router.enabled=true",), "first-token forward KL + student-aware router feature term"),
+    "first-token-cached": Method("C", from_cache(), "crosskd default, teacher signal read from the cache"),
+    "first-token-t1": Method("C", (*from_cache(), *TAU_ONE), "first-token forward KL at temperature 1 (cached)"),
+    "first-token-merge-t1": Method("C", (*from_cache(), *TAU_ONE, "objective.mismatch_policy=merge"),
+                                   "first-token forward KL at temperature 1, run-past student tokens merged (cached)"),
+    "first-token-merge-t1-kd3": Method(
+        "C", (*from_cache(), *TAU_ONE, *NO_KD_WARMUP, "objective.mismatch_policy=merge", "objective.kd_alpha=3"),
+        "first-token merge, forward KL at temperature 1, KD weight 3 from step 0 (cached)"),
+    # Off the protocol (its lr is 2e-5): how much more KD gives when the student is allowed to move further.
+    "lm-only-lr1e-4": Method("A", ("objective.kd_alpha=0", "optimizer.lr=1e-4"),
+                             "LM-only fine-tuning at lr 1e-4 (off-protocol)", off_protocol=True),
+    "first-token-merge-t1-lr1e-4": Method(
+        "C", (*from_cache(), *TAU_ONE, "objective.mismatch_policy=merge", "optimizer.lr=1e-4"),
+        "first-token merge, forward KL at temperature 1, lr 1e-4 (off-protocol, cached)", off_protocol=True),
+    "first-token-kd-only": Method("C", (*from_cache(), *TAU_ONE, *NO_KD_WARMUP, "objective.lm_alpha=0"),
+                                  "first-token forward KL at temperature 1, no LM term, no KD warm-up (cached)"),
     TEACHER: Method("D", (), "the teacher, evaluated only"),
 }
 DEFAULT_ORDER = (LM_ONLY, "first-token", "uld", "projector", "router", "first-token-rkl", "jsd", TEACHER)
@@ -219,13 +249,34 @@ def step_timings(run_dir: Path, tokens_per_step: int) -> dict:
     }
 
 
-def measure_training(config: Config) -> dict:
+def write_cache(config: Config) -> dict:
+    """The teacher cache a cached method reads: written (or resumed, or found complete) before training, timed apart
+    from it; the accelerator state it leaves behind is reset so training starts as a fresh process would."""
+    from accelerate.state import AcceleratorState
+
+    from crosskd.teacher.cache import write_teacher_cache
+
+    summary = write_teacher_cache(config, progress=False)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    gc.collect()
+    return {
+        "dir": str(summary.cache_dir),
+        "bytes": summary.bytes,
+        "bytes_per_student_token": summary.bytes_per_student_token,
+        "bytes_per_aligned_position": summary.bytes_per_position,
+        "seconds_this_run": summary.seconds,
+        "already_complete": summary.resumed_at == summary.micro_batches,
+    }
+
+
+def measure_training(config: Config, cached: bool) -> dict:
     from crosskd.train.recipe import train
 
     steps = config.training.max_steps
     run_dir = Path(config.output.run_dir)
     if run_dir.exists():
         shutil.rmtree(run_dir)  # the logbook appends: a stale log.jsonl would mix two runs' step times
+    cache = write_cache(config) if cached else None
     windows, protocol_windows = verify_windows(config, steps)
     floor = measure_floor(config, protocol_windows)
     del protocol_windows
@@ -250,6 +301,7 @@ def measure_training(config: Config) -> dict:
         "train_wall_seconds": wall_seconds,
         "windows": windows,
         "run_dir": str(run_dir),
+        **({"teacher_cache": cache} if cache else {}),
     }
 
 
@@ -267,7 +319,7 @@ def run_worker(method: str, steps: int) -> None:
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     host = machine()
     config = protocol_config(method, steps)
-    measured = measure_teacher(config) if method == TEACHER else measure_training(config)
+    measured = measure_teacher(config) if method == TEACHER else measure_training(config, METHODS[method].cached)
     record = {
         "method": method,
         "group": METHODS[method].group,
@@ -311,8 +363,9 @@ def markdown_table(results: dict[str, dict]) -> str:
             "|---|---|---|---|---|---|---|---|---|"]
     for method, record in sorted(results.items(), key=lambda item: (item[1]["group"], item[0])):
         rss = record.get("peak_rss_mib")
+        name = f"{method} (off-protocol)" if method in METHODS and METHODS[method].off_protocol else method
         rows.append(
-            f"| {method} | {record['group']} | {record['bpb_final']:.4f} | {record['bpb_best']:.4f} | "
+            f"| {name} | {record['group']} | {record['bpb_final']:.4f} | {record['bpb_best']:.4f} | "
             f"{_format(record.get('gap_closed'), '.1%')} | {_format(record.get('median_step_seconds'), '.2f')} | "
             f"{_format(record.get('tokens_per_second'), '.0f')} | {_format(record.get('step_over_floor'), '.2f')} | "
             f"{_format(None if rss is None else rss / 1024, '.2f')} |"

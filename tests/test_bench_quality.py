@@ -26,7 +26,8 @@ def test_every_method_is_a_valid_protocol_config(method):
     config = quality.protocol_config(method, quality.PROTOCOL_STEPS)
     assert config.training.max_steps == 60
     assert (config.data.window_tokens, config.training.batch_size) == (256, 4)
-    assert (config.optimizer.lr, config.optimizer.scheduler, config.optimizer.warmup_steps) == (2e-5, "constant", 6)
+    lr = 1e-4 if quality.METHODS[method].off_protocol else 2e-5  # the only protocol setting a method may change
+    assert (config.optimizer.lr, config.optimizer.scheduler, config.optimizer.warmup_steps) == (lr, "constant", 6)
     assert (config.training.mixed_precision, config.models.teacher_dtype) == ("no", "float32")
     assert config.training.eval_every == 0
     assert config.output.run_dir.endswith(method)
@@ -36,7 +37,7 @@ def test_two_steps_on_the_tiny_pair_give_a_complete_record(tmp_path):
     config = quality.protocol_config("first-token", 2, base_config=REPO / "configs" / "tiny.yaml",
                                      run_root=tmp_path, extra_overrides=TINY_OVERRIDES)
     AcceleratorState._reset_state(reset_partial_state=True)  # a fresh `train`, as in its own process
-    record = quality.measure_training(config)
+    record = quality.measure_training(config, cached=False)
 
     assert record["steps"] == record["steps_logged"] == 2
     assert record["windows"]["count"] == 4
@@ -45,6 +46,19 @@ def test_two_steps_on_the_tiny_pair_give_a_complete_record(tmp_path):
     assert record["step_over_floor"] == pytest.approx(record["median_step_seconds"] / record["floor"]["seconds"])
     assert record["bpb_best"] <= record["bpb_final"] + 1e-12
     assert not (tmp_path / "first-token" / "checkpoints").exists()
+
+
+def test_a_cached_method_writes_its_cache_first_and_records_it(tmp_path):
+    cache_dir = tmp_path / "teacher-cache"
+    config = quality.protocol_config("first-token-cached", 2, base_config=REPO / "configs" / "tiny.yaml",
+                                     run_root=tmp_path, extra_overrides=(*TINY_OVERRIDES, f"teacher.cache_dir={cache_dir}"))
+    assert quality.METHODS["first-token-cached"].cached and config.teacher.source == "cache"
+    AcceleratorState._reset_state(reset_partial_state=True)
+    record = quality.measure_training(config, cached=True)
+    assert record["steps"] == 2 and record["teacher_cache"]["dir"] == str(cache_dir)
+    assert record["teacher_cache"]["bytes"] > 0 and not record["teacher_cache"]["already_complete"]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert quality.measure_training(config, cached=True)["teacher_cache"]["already_complete"]
 
 
 def test_summary_computes_gap_closed_and_plots(tmp_path, monkeypatch):

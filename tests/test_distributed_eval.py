@@ -34,6 +34,7 @@ SCRIPT = textwrap.dedent("""
     if accelerator.is_main_process:
         json.dump({"processes": accelerator.num_processes, "backend": accelerator.state.backend,
                    **vars(result)}, open(sys.argv[3], "w"))
+    accelerator.wait_for_everyone()  # no process tears the group down while its peer still writes
     accelerator.end_training()  # destroy the process group: gloo aborts a process that exits with it alive
 """)
 

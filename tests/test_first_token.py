@@ -14,8 +14,10 @@ from crosskd.vocab import first_token
 from crosskd.vocab.first_token import (
     UNMAPPED,
     build_first_token_table,
+    build_group_roots,
     first_token_kd_pairs,
     load_or_build_first_token_map,
+    load_or_build_student_groups,
     mid_text_tokenizer,
     push_topk_through_map,
 )
@@ -99,7 +101,7 @@ def test_cut_characters_after_text_keep_the_students_merge():
     # ' \xe6' must map like the student's BPE of ' æ' (one chunk: the regex never splits before a letter's bytes).
     student = byte_level_bpe(300)
     backend = mid_text_tokenizer(student)
-    first = first_token.first_student_tokens(student, [b" \xe6\x97"])[0]
+    first = first_token.first_tokens(student, [b" \xe6\x97"])[0]
     assert first == backend.encode(" 日", add_special_tokens=False).ids[0]
 
 
@@ -168,3 +170,33 @@ def test_scatter_add_passes_gradients_without_nan():
 def test_pairs_whose_student_token_runs_past_the_teacher_are_left_out():
     keep = first_token_kd_pairs(torch.tensor([1, 4, 3]), torch.tensor([1, 1, 5]))
     assert keep.tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize("pair", sorted(PAIRS))
+def test_group_members_run_past_the_teachers_token_and_roots_are_its_student_token(pair):
+    student, teacher = PAIRS[pair]
+    roots = build_group_roots(student, teacher, len(student) + PADDED)
+    student_bytes, teacher_bytes = token_bytes_table(student), token_bytes_table(teacher)
+    members = [i for i in range(len(roots)) if roots[i] != i]
+    # The byte-level pair shares its training text, so the larger vocabulary holds every merge of the smaller one:
+    # no student token runs past the teacher's there. The mixed pairs must have some, or this test would be vacuous.
+    assert members or pair == "byte-level student, byte-level teacher"
+    first_teacher = first_token.first_tokens(teacher, [student_bytes[i] for i in members])
+    for member, teacher_first in zip(members, first_teacher):
+        root = int(roots[member])
+        assert roots[root] == root  # one level deep
+        assert len(teacher_bytes[teacher_first]) < len(student_bytes[member])
+        assert student_bytes[root] == student_bytes[member][: len(student_bytes[root])]
+        assert root == first_token.first_tokens(student, [teacher_bytes[teacher_first]])[0]
+    assert all(roots[i] == i for i in range(len(student), len(roots)))  # padded ids stay their own roots
+
+
+def test_groups_are_cached_and_follow_the_tokenizers(tmp_path, monkeypatch):
+    student, teacher = PAIRS["sentencepiece student, byte-level teacher"]
+    built = load_or_build_student_groups(student, teacher, len(student), cache_dir=tmp_path)
+    monkeypatch.setattr(first_token, "build_group_roots", lambda *args: pytest.fail("the cached groups were rebuilt"))
+    reused = load_or_build_student_groups(student, teacher, len(student), cache_dir=tmp_path)
+    assert torch.equal(reused.root_table, built.root_table) and len(built.members) > 0
+    monkeypatch.undo()
+    other = load_or_build_student_groups(student, byte_level_bpe(520), len(student), cache_dir=tmp_path)
+    assert len(list((tmp_path / "vocab").glob("groups-*.npy"))) == 2 and other.root_table.shape == built.root_table.shape

@@ -173,6 +173,7 @@ def test_peak_memory_is_bounded_by_the_chunk_not_the_batch():
     chunk_logits_bytes = 64 * 2048 * 4
     # The probe sees the whole-batch logits when they exist (so the bound below can fail) ...
     assert peak_bytes_of_loss_and_backward(chunk_size=1024) > full_logits_bytes
-    # ... and with chunks of 64 rows only a few [64, V] float32 buffers (logits, log-softmax, their gradients)
-    # plus the small hidden/head gradients are alive at once, in forward and in backward: measured ~5.2.
-    assert peak_bytes_of_loss_and_backward(chunk_size=64) < 6 * chunk_logits_bytes
+    # ... and with chunks of 64 rows only a few [64, V] float32 buffers (log-softmax, the KD term's off-support copy,
+    # their gradients) plus the small hidden/head gradients are alive at once, in forward and in backward: measured
+    # ~6.3 (the KD rows come first, so a chunk is all KD rows), against 16 for the whole batch.
+    assert peak_bytes_of_loss_and_backward(chunk_size=64) < 8 * chunk_logits_bytes

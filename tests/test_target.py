@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from crosskd.losses.divergences import DIVERGENCES, get_divergence
 from crosskd.losses.target import (
     MappedTarget,
+    StudentGroups,
     TopKTarget,
     select_positions,
     student_atoms,
@@ -212,3 +213,46 @@ def test_select_positions_indexes_every_field():
     torch.testing.assert_close(picked.tail_logmass, target.tail_logmass[[4, 1]])
     mapped = select_positions(target.as_support(), slice(2, 4))
     assert isinstance(mapped, MappedTarget) and mapped.mask.shape == (2, 3)
+
+
+# --- student token groups (mismatch_policy 'merge') ---------------------------------------------------------------
+
+GROUPS_VOCAB = 12
+# 5 and 6 pool into 2 (as '\n    ' and '\n        ' into '\n'), 9 into 4.
+GROUPS = StudentGroups.from_root_table(torch.tensor([0, 1, 2, 3, 4, 2, 2, 7, 8, 4, 10, 11]))
+
+
+def test_grouped_atoms_pool_each_roots_members_and_leave_the_tail():
+    z = logits(3, GROUPS_VOCAB, seed=21, dtype=torch.float64)
+    ids = torch.tensor([[2, 7, 0]] * 3)
+    mask = torch.tensor([[True, True, False]] * 3)
+    atoms = student_atoms(z, ids, mask, 1.0, GROUPS).exp()
+    p = z.softmax(-1)
+    torch.testing.assert_close(atoms[:, 0], p[:, [2, 5, 6]].sum(-1))
+    torch.testing.assert_close(atoms[:, 1], p[:, 7])
+    assert (atoms[:, 2] == 0).all()
+    # 4 is not on the support, so its member 9 stays in the tail with it.
+    torch.testing.assert_close(atoms[:, 3], 1 - p[:, [2, 5, 6, 7]].sum(-1))
+    torch.testing.assert_close(atoms.sum(-1), torch.ones(3, dtype=torch.float64))
+
+
+def test_grouped_atoms_are_zero_divergence_against_the_grouped_student_and_have_finite_gradients():
+    z = logits(4, GROUPS_VOCAB, seed=22, dtype=torch.float64).requires_grad_(True)
+    ids, mask = torch.tensor([[2, 4, 7]] * 4), torch.ones(4, 3, dtype=torch.bool)
+    student = student_atoms(z, ids, mask, 2.0, GROUPS)
+    teacher_logp = student_atoms(z.detach(), ids, mask, 1.0, GROUPS)
+    target = MappedTarget(ids, teacher_logp[:, :3], mask, teacher_logp[:, 3])
+    kl = get_divergence("forward_kl")(student, target_atoms(target, 2.0))
+    torch.testing.assert_close(kl, torch.zeros(4, dtype=torch.float64), atol=1e-12, rtol=0)
+    # Members with negligible probability (exp underflows to 0) must not turn the backward into NaN.
+    z_far = z.detach().clone()
+    z_far[:, [5, 6, 9]] = -1e4
+    z_far.requires_grad_(True)
+    student_atoms(z_far, ids, mask, 1.0, GROUPS).sum().backward()
+    assert torch.isfinite(z_far.grad).all()
+    assert torch.autograd.gradcheck(lambda x: student_atoms(x, ids, mask, 1.5, GROUPS).exp(), (z,))
+
+
+def test_root_of_maps_members_and_passes_unmapped_through():
+    ids = torch.tensor([[5, 9, 3, -1]])
+    assert GROUPS.root_of(ids).tolist() == [[2, 4, 3, -1]]

@@ -68,6 +68,26 @@ def test_loss_decreases_on_a_repeated_batch(tmp_path):
     assert records[-1]["total"] < records[0]["total"]
 
 
+def test_merge_policy_distils_every_aligned_pair_and_its_kd_decreases(tmp_path, monkeypatch):
+    corpus = write_single_window_corpus(tmp_path / "corpus")
+    config = tiny_config(tmp_path, "training.max_steps=6", "training.batch_size=1", "objective.mismatch_policy=merge",
+                         "schedule.kd_warmup_start=1.0",
+                         corpus=corpus)
+    counted = []
+    original = DistillationObjective.count_positions
+
+    def count_positions(self, micro_batches, accelerator):
+        counts = original(self, micro_batches, accelerator)
+        counted.append((int(counts["kd"]), sum(len(b.pair_batch) for b in micro_batches)))
+        return counts
+
+    monkeypatch.setattr(DistillationObjective, "count_positions", count_positions)
+    run_training(config)
+    assert counted and all(kd == pairs for kd, pairs in counted)
+    kd = [r["loss/kd"] for r in log_records(config.output.run_dir)]
+    assert all(math.isfinite(v) for v in kd) and kd[-1] < kd[0], kd
+
+
 def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return all(torch.equal(a[name], b[name]) for name in a)
 

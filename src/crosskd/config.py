@@ -61,8 +61,9 @@ class ObjectiveConfig:
     lm_alpha: float = 1.0
     kd_alpha: float = 1.0
     # first-token: where the student's next token runs past the teacher's, the mapped target gives the true token
-    # almost no probability (~17 nats, docs/VOCAB.md): `exclude` leaves those pairs out of KD, `keep` (ablations
-    # only) keeps them.
+    # almost no probability (~17 nats, docs/VOCAB.md): `exclude` leaves those pairs out of KD, `merge` pools such
+    # student tokens with the token the teacher's maps to (one atom per event both tokenisers can express, every
+    # pair kept), `keep` (ablations only) keeps them as they are.
     mismatch_policy: str = "exclude"
     scale_by_t2: bool = True
     chunk_size: int = 256  # positions per float32 logit chunk
@@ -163,7 +164,7 @@ class Config:
 
 STRATEGIES = ("first-token", "projector", "uld")
 DIVERGENCE_NAMES = ("forward_kl", "reverse_kl", "generalized_jsd", "total_variation", "skew_kl")
-MISMATCH_POLICIES = ("exclude", "keep")
+MISMATCH_POLICIES = ("exclude", "keep", "merge")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -276,9 +277,9 @@ def validate(config: Config) -> None:
             )
     elif objective.divergence is not None:
         _choice(objective.divergence, DIVERGENCE_NAMES, "objective.divergence")
-    if objective.mismatch_policy == "keep" and objective.strategy != "first-token":
-        raise ConfigError("objective.mismatch_policy 'keep' applies only to the first-token strategy: the others "
-                          "have no first-token mismatch to keep or exclude")
+    if objective.mismatch_policy in ("keep", "merge") and objective.strategy != "first-token":
+        raise ConfigError(f"objective.mismatch_policy '{objective.mismatch_policy}' applies only to the first-token "
+                          "strategy: the others have no first-token mismatch to keep, merge or exclude; use 'exclude'")
     if objective.kd_top_k < 1:
         raise ConfigError("objective.kd_top_k must be at least 1")
     if config.data.window_tokens < 2:

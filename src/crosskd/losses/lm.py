@@ -22,11 +22,11 @@ from torch.utils.checkpoint import checkpoint
 
 from crosskd.losses.chunking import DEFAULT_CHUNK_ROWS, chunk_slices, upcast
 from crosskd.losses.divergences import Divergence, get_divergence
-from crosskd.losses.target import MappedTarget, support_atoms
+from crosskd.losses.target import MappedTarget, StudentGroups, support_atoms
 
 IGNORE_INDEX = -100
 
-#: (student logits of some positions [p, V] float32, the target at those positions) -> (sum over them, count).
+#: (student log-probabilities of some positions [p, V] float32, the target at those positions) -> (sum, count).
 KDLossSum = Callable[[Tensor, Any], tuple[Tensor, int]]
 
 
@@ -38,11 +38,13 @@ class LossSums(NamedTuple):
 
 
 def divergence_loss_sum(
-    student_logits: Tensor, target: MappedTarget, divergence: Divergence, temperature: float
+    student_logp: Tensor, target: MappedTarget, divergence: Divergence, temperature: float,
+    groups: StudentGroups | None = None,
 ) -> tuple[Tensor, int]:
-    """Sum over positions of ``divergence`` between the student's and the teacher's atoms at ``temperature``."""
-    student, teacher = support_atoms(student_logits, target, temperature)
-    return divergence(student, teacher).sum(), len(student_logits)
+    """Sum over positions of ``divergence`` between the student's and the teacher's atoms at ``temperature``, from
+    the student's float32 log-probabilities (with ``groups``, a support id's atom pools its group)."""
+    student, teacher = support_atoms(student_logp, target, temperature, groups, normalized=True)
+    return divergence(student, teacher).sum(), len(student_logp)
 
 
 def _empty_sum(hidden: Tensor) -> Tensor:
@@ -54,16 +56,18 @@ def _chunk_sums(
     hidden: Tensor,
     head_weight: Tensor,
     lm_targets: Tensor,
-    kd_local_rows: Tensor,
+    kd_count: int,
     kd_target: Any,
     kd_loss_sum: KDLossSum | None,
 ) -> tuple[Tensor, Tensor, int]:
-    logits = F.linear(upcast(hidden), upcast(head_weight))
+    """Both sums of one chunk whose first ``kd_count`` rows are the KD rows (a slice, so no gather of [p, V])."""
+    # One log_softmax serves both terms (cross-entropy is log_softmax + nll_loss).
+    logp = F.linear(upcast(hidden), upcast(head_weight)).log_softmax(-1)
     # reduction="sum" over a chunk whose targets are all ignored is 0, where "mean" would be 0/0.
-    lm_sum = F.cross_entropy(logits, lm_targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    if len(kd_local_rows) == 0:
+    lm_sum = F.nll_loss(logp, lm_targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    if kd_count == 0:
         return lm_sum, _empty_sum(hidden), 0
-    kd_sum, kd_count = kd_loss_sum(logits[kd_local_rows], kd_target)
+    kd_sum, kd_count = kd_loss_sum(logp[:kd_count], kd_target)
     return lm_sum, kd_sum, kd_count
 
 
@@ -79,28 +83,33 @@ def fused_chunked_losses(
     """LM cross-entropy on rows with a target, and ``kd_loss_sum`` on ``kd_rows``, one chunk of logits at a time.
 
     hidden [N, H] and head_weight [V, H] give the logits; lm_targets [N] (IGNORE_INDEX = not counted);
-    kd_rows [P] row indices into N whose targets are ``kd_target`` positions 0..P-1 (anything with ``select``).
-    Only rows used by either term are computed, each once.
+    kd_rows [P] distinct row indices into N whose targets are ``kd_target`` positions 0..P-1 (anything with
+    ``select``). Only rows used by either term are computed, each once: the KD rows first, in their order, then the
+    rows only the LM term uses, so each chunk's KD rows and targets are contiguous slices.
     """
     if len(kd_rows) and (kd_target is None or kd_loss_sum is None):
         raise ValueError("kd_rows given without a kd_target and kd_loss_sum")
     if kd_target is not None and len(kd_target.ids) != len(kd_rows):
         raise ValueError(f"kd_target has {len(kd_target.ids)} positions but kd_rows has {len(kd_rows)}")
     lm_rows = (lm_targets != IGNORE_INDEX).nonzero().squeeze(-1)
-    rows = torch.cat([lm_rows, kd_rows]).unique()  # sorted
-    kd_slots = torch.searchsorted(rows, kd_rows)  # where each KD row sits in `rows`
+    is_kd_row = torch.zeros(len(lm_targets), dtype=torch.bool, device=lm_targets.device)
+    is_kd_row[kd_rows] = True
+    if int(is_kd_row.sum()) != len(kd_rows):
+        raise ValueError("kd_rows repeat a row: each aligned pair has its own student position")
+    rows = torch.cat([kd_rows, lm_rows[~is_kd_row[lm_rows]]])
     lm_sum = kd_sum = _empty_sum(hidden)
     kd_count = 0
     for chunk in chunk_slices(len(rows), chunk_size):
-        kd_here = ((kd_slots >= chunk.start) & (kd_slots < chunk.stop)).nonzero().squeeze(-1)
+        kd_here = slice(min(chunk.start, len(kd_rows)), min(chunk.stop, len(kd_rows)))
+        kd_rows_here = kd_here.stop - kd_here.start
         chunk_rows = rows[chunk]
         chunk_lm, chunk_kd, chunk_kd_count = checkpoint(
             _chunk_sums,
             hidden[chunk_rows],
             head_weight,
             lm_targets[chunk_rows],
-            kd_slots[kd_here] - chunk.start,
-            kd_target.select(kd_here) if len(kd_here) else None,
+            kd_rows_here,
+            kd_target.select(kd_here) if kd_rows_here else None,
             kd_loss_sum,
             use_reentrant=False,
         )
@@ -129,14 +138,17 @@ def chunked_lm_and_kd(
     divergence: Divergence | str,
     chunk_size: int = DEFAULT_CHUNK_ROWS,
     scale_by_t2: bool = True,
+    student_groups: StudentGroups | None = None,
 ) -> LossSums:
     """LM cross-entropy plus ``divergence`` between student and teacher atoms on the (mapped) support.
 
     ``divergence`` is a divergence from :func:`get_divergence` or its name. With ``scale_by_t2`` the KD sum is
     multiplied by temperature**2, which keeps its gradient on the same scale whatever the temperature.
+    ``student_groups`` pools each support id's group into its atom (the target's ids must be group roots).
     """
     if isinstance(divergence, str):
         divergence = get_divergence(divergence)
-    kd_loss_sum = functools.partial(divergence_loss_sum, divergence=divergence, temperature=temperature)
+    kd_loss_sum = functools.partial(divergence_loss_sum, divergence=divergence, temperature=temperature,
+                                    groups=student_groups)
     sums = fused_chunked_losses(hidden, head_weight, lm_targets, kd_rows, kd_target, kd_loss_sum, chunk_size)
     return sums._replace(kd_sum=sums.kd_sum * temperature**2) if scale_by_t2 else sums

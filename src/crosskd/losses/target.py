@@ -86,9 +86,15 @@ def select_positions(target: Target, index: Tensor | slice) -> Target:
 def logsumexp_or_neginf(x: Tensor) -> Tensor:
     """logsumexp over the last dim, -inf for rows that are all -inf, with a finite gradient everywhere.
 
-    Plain logsumexp already returns -inf for such rows, but its backward computes exp(-inf - (-inf)) = NaN.
+    Plain logsumexp already returns -inf for such rows, but its backward computes exp(-inf - (-inf)) = NaN, so when
+    there are any, they are masked first. Rows like that are rare (a support covering the whole vocabulary), and
+    checking the result first spares two passes over [P, V] in the common case.
     """
-    empty_rows = torch.isneginf(x).all(-1, keepdim=True)
+    result = x.logsumexp(-1)
+    empty_rows = torch.isneginf(result)
+    if not empty_rows.any():
+        return result
+    empty_rows = empty_rows.unsqueeze(-1)
     return x.masked_fill(empty_rows, 0.0).logsumexp(-1).masked_fill(empty_rows.squeeze(-1), -math.inf)
 
 
@@ -152,20 +158,76 @@ def _support_indicator(support_ids: Tensor, support_mask: Tensor, vocab_size: in
     return indicator.scatter_(-1, redirected, True)[:, :vocab_size]
 
 
-def support_atoms(student_logits: Tensor, target: MappedTarget, temperature: float) -> tuple[Tensor, Tensor]:
+@dataclass(frozen=True)
+class StudentGroups:
+    """Student tokens pooled into one atom with another student token (the group's root).
+
+    root_table: int64 [V] each student id's root (itself for a root); members: int64 [M] the ids whose root is
+    another token; roots: int64 [M] their roots (never members themselves). A group is an event both tokenisers can
+    express: see `crosskd.vocab.first_token.build_group_roots`. A root's atom holds the probability of the root and
+    of all its members; members are never on a support.
+    """
+
+    root_table: Tensor
+    members: Tensor
+    roots: Tensor
+
+    @classmethod
+    def from_root_table(cls, root_table: Tensor) -> StudentGroups:
+        members = (root_table != torch.arange(len(root_table), device=root_table.device)).nonzero().squeeze(-1)
+        return cls(root_table, members, root_table[members])
+
+    def to(self, device) -> StudentGroups:
+        return StudentGroups(self.root_table.to(device), self.members.to(device), self.roots.to(device))
+
+    def root_of(self, ids: Tensor) -> Tensor:
+        """Each id's group root; negative ids (unmapped) pass through."""
+        return torch.where(ids >= 0, self.root_table.to(ids.device)[ids.clamp_min(0)], ids)
+
+    def member_mass_at(self, logp: Tensor, support_ids: Tensor) -> Tensor:
+        """The probability the members of each support id's group carry: [P, V] log-probabilities and [P, K] ids
+        -> [P, K] (0 where a support id has no members)."""
+        roots, slot = self.roots.unique(return_inverse=True)
+        member_probs = logp[:, self.members].exp()
+        root_probs = member_probs.new_zeros(len(logp), len(roots) + 1).index_add_(1, slot, member_probs)
+        # Support ids that are no root read the spare last column, which stays 0.
+        lookup = torch.full((logp.shape[-1],), len(roots), dtype=torch.int64, device=logp.device)
+        lookup[roots] = torch.arange(len(roots), device=logp.device)
+        return root_probs.gather(-1, lookup[support_ids])
+
+    def extend_indicator(self, indicator: Tensor) -> Tensor:
+        """bool [P, V] support indicator -> the same with every member of a support id's group set too."""
+        return indicator.index_copy(1, self.members, indicator[:, self.roots])
+
+
+def support_atoms(student_logits: Tensor, target: MappedTarget, temperature: float,
+                  groups: StudentGroups | None = None, normalized: bool = False) -> tuple[Tensor, Tensor]:
     """(student atoms, teacher atoms) on the target's support at ``temperature``: what a divergence compares."""
-    return student_atoms(student_logits, target.ids, target.mask, temperature), target_atoms(target, temperature)
+    return (student_atoms(student_logits, target.ids, target.mask, temperature, groups, normalized),
+            target_atoms(target, temperature))
 
 
-def student_atoms(student_logits: Tensor, support_ids: Tensor, support_mask: Tensor, temperature: float) -> Tensor:
+def student_atoms(student_logits: Tensor, support_ids: Tensor, support_mask: Tensor, temperature: float,
+                  groups: StudentGroups | None = None, normalized: bool = False) -> Tensor:
     """The student's K' + 1 atoms at ``temperature`` on a support of student ids: [P, Vs] -> [P, K' + 1].
 
     Its tau = 1 log-probabilities over the full vocabulary, gathered at the support (masked slots -inf),
-    plus the log of the mass outside the support, then tempered exactly like the teacher's atoms.
+    plus the log of the mass outside the support, then tempered exactly like the teacher's atoms. With ``groups``,
+    a support id's atom also holds the probability of its group's members (and they leave the tail).
+    ``normalized``: the caller passes float32 log-probabilities already (the fused LM + KD chunk shares them).
     Works on whatever positions it is given: callers pass one chunk of logits.
     """
     _require_unique_support(support_ids, support_mask)
-    logp = upcast(student_logits).log_softmax(-1)
-    support_logp = logp.gather(-1, support_ids).masked_fill(~support_mask, -math.inf)
-    off_support = logp.masked_fill(_support_indicator(support_ids, support_mask, logp.shape[-1]), -math.inf)
+    logp = student_logits if normalized else upcast(student_logits).log_softmax(-1)
+    support_logp = logp.gather(-1, support_ids)
+    on_support = _support_indicator(support_ids, support_mask, logp.shape[-1])
+    if groups is not None:
+        member_mass = groups.member_mass_at(logp, support_ids)
+        # Only where there is member mass: log(0) would put 0 * inf = NaN into the backward of logaddexp.
+        has_members = member_mass > 0
+        pooled = torch.logaddexp(support_logp, member_mass.clamp_min(torch.finfo(logp.dtype).tiny).log())
+        support_logp = torch.where(has_members, pooled, support_logp)
+        on_support = groups.extend_indicator(on_support)
+    support_logp = support_logp.masked_fill(~support_mask, -math.inf)
+    off_support = logp.masked_fill(on_support, -math.inf)
     return temper_atoms(support_logp, logsumexp_or_neginf(off_support), temperature)

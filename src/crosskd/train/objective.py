@@ -20,13 +20,18 @@ from crosskd.losses.divergences import get_divergence
 from crosskd.losses.features import AlignedPairs
 from crosskd.losses.layerwise import LayerwiseMatcher
 from crosskd.losses.lm import LossSums, chunked_cross_entropy, chunked_lm_and_kd
-from crosskd.losses.target import MappedTarget, support_atoms
+from crosskd.losses.target import MappedTarget, StudentGroups, support_atoms
 from crosskd.losses.router import DenseGroupMatcher, StudentAwareRouter, default_student_layer
 from crosskd.schedules import ScheduleSettings
 from crosskd.teacher import calibration
 from crosskd.teacher.cache import open_teacher_cache
 from crosskd.teacher.online import OnlineTeacher, TeacherSignal
-from crosskd.vocab.first_token import first_token_kd_pairs, load_or_build_first_token_map, push_topk_through_map
+from crosskd.vocab.first_token import (
+    first_token_kd_pairs,
+    load_or_build_first_token_map,
+    load_or_build_student_groups,
+    push_topk_through_map,
+)
 from crosskd.vocab.projector import (
     AnchorData,
     LogitProjector,
@@ -101,7 +106,15 @@ class DistillationObjective(nn.Module):
         # knowledge-retention metrics (agreement with the mapped teacher).
         token_map = load_or_build_first_token_map(student.tokenizer, teacher.tokenizer, teacher.vocab.valid_mask,
                                                   student.vocab.logit_size)
-        self.register_buffer("teacher_to_student", token_map.teacher_to_student, persistent=False)
+        teacher_to_student = token_map.teacher_to_student
+        # `merge`: student tokens that run past the teacher's token share one atom with it (docs/VOCAB.md), so the
+        # teacher's mass lands on group roots and the student's atoms pool their groups.
+        self.student_groups = None
+        if self.strategy == "first-token" and objective.mismatch_policy == "merge":
+            self.student_groups = load_or_build_student_groups(student.tokenizer, teacher.tokenizer,
+                                                               student.vocab.logit_size)
+            teacher_to_student = self.student_groups.root_of(teacher_to_student)
+        self.register_buffer("teacher_to_student", teacher_to_student, persistent=False)
         if self.strategy == "projector":
             self.projector = LogitProjector(teacher.model.config.hidden_size, student.model.config.hidden_size)
             self.anchor_alpha = objective.projector_anchor_alpha
@@ -342,7 +355,12 @@ class DistillationObjective(nn.Module):
                                       temperature, chunk_size=self.chunk_size)
         return chunked_lm_and_kd(hidden, head_weight, lm_targets, kd_rows, self._mapped_teacher(signal, kd_mask),
                                  temperature, self.divergence, chunk_size=self.chunk_size,
-                                 scale_by_t2=self.scale_by_t2)
+                                 scale_by_t2=self.scale_by_t2, student_groups=self._groups_on(hidden.device))
+
+    def _groups_on(self, device) -> StudentGroups | None:
+        if self.student_groups is not None and self.student_groups.members.device != device:
+            self.student_groups = self.student_groups.to(device)
+        return self.student_groups
 
     def _mapped_teacher(self, signal: TeacherSignal, kd_mask: Tensor) -> MappedTarget:
         """The teacher's distribution on the student's vocabulary at the KD pairs (detached: a target)."""
@@ -405,9 +423,12 @@ class DistillationObjective(nn.Module):
         hidden = self._student_outputs(batch).hidden_states[-1]
         rows = hidden[batch.pair_batch[kd_mask], batch.pair_student_pos[kd_mask]]
         logits = student_model.get_output_embeddings()(rows).float()
-        student_logp, teacher_logp = support_atoms(logits, target, temperature=1.0)
+        groups = self._groups_on(logits.device)
+        student_logp, teacher_logp = support_atoms(logits, target, temperature=1.0, groups=groups)
         best_slot = target.logp.masked_fill(~target.mask, -torch.inf).argmax(dim=-1, keepdim=True)
         teacher_top = target.ids.gather(-1, best_slot).squeeze(-1)
-        agree = (logits.argmax(dim=-1) == teacher_top).double().sum().cpu()
+        student_top = logits.argmax(dim=-1)
+        student_top = groups.root_of(student_top) if groups is not None else student_top
+        agree = (student_top == teacher_top).double().sum().cpu()
         kl = get_divergence("forward_kl")(student_logp, teacher_logp).double().sum().cpu()
         return agree, kl, torch.tensor(float(rows.shape[0]), dtype=torch.float64)

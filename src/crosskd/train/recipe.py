@@ -343,6 +343,8 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
         export_student(best, student, objective, student_dir)
     final_bpb = state.history[-1]["bpb"] if state.history else initial.bits_per_byte
     # Tear the process group down before the interpreter exits: gloo's threads otherwise abort the process at exit.
+    # Every process first waits for the export, so none destroys its side while a peer is still working.
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(
         run_dir=run_dir, student_dir=student_dir, steps=state.step, initial_bpb=initial.bits_per_byte,

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from crosskd.data.encoding import _gpt2_unicode_to_byte, token_bytes_table
 from crosskd.losses.chunking import upcast
-from crosskd.losses.target import MappedTarget, TopKTarget, logsumexp_or_neginf
+from crosskd.losses.target import MappedTarget, StudentGroups, TopKTarget, logsumexp_or_neginf
 from crosskd.models.cache import resolve_cache_dir
 
 UNMAPPED = -1  # teacher ids that stand for no text (special, padded): they never carry mass onto the student
@@ -52,8 +52,20 @@ def first_token_map_key(student_tokenizer, teacher_tokenizer, teacher_valid_mask
     return digest.hexdigest()
 
 
-def first_token_map_path(key: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    return resolve_cache_dir(cache_dir) / "vocab" / f"first_token-{key[:32]}.npy"
+def first_token_map_path(key: str, cache_dir: str | os.PathLike | None = None, kind: str = "first_token") -> Path:
+    return resolve_cache_dir(cache_dir) / "vocab" / f"{kind}-{key[:32]}.npy"
+
+
+def _load_or_build_table(path: Path, build) -> np.ndarray:
+    if path.is_file():
+        return np.load(path)
+    table = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write then rename, so a concurrent reader never loads a half-written file.
+    partial = path.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(partial, table)
+    os.replace(partial, path)
+    return table
 
 
 @dataclass(frozen=True)
@@ -81,17 +93,24 @@ def load_or_build_first_token_map(
     `teacher_valid_mask` is `VocabFacts.valid_mask` of the teacher: bool [teacher logit size], False for padded ids.
     """
     key = first_token_map_key(student_tokenizer, teacher_tokenizer, teacher_valid_mask)
-    path = first_token_map_path(key, cache_dir)
-    if path.is_file():
-        table = np.load(path)
-    else:
-        table = build_first_token_table(student_tokenizer, teacher_tokenizer, teacher_valid_mask.numpy())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Write then rename, so a concurrent reader never loads a half-written file.
-        partial = path.with_suffix(f".{os.getpid()}.tmp.npy")
-        np.save(partial, table)
-        os.replace(partial, path)
+    table = _load_or_build_table(
+        first_token_map_path(key, cache_dir),
+        lambda: build_first_token_table(student_tokenizer, teacher_tokenizer, teacher_valid_mask.numpy()),
+    )
     return FirstTokenMap(torch.from_numpy(table).long(), student_vocab_size, key)
+
+
+def load_or_build_student_groups(student_tokenizer, teacher_tokenizer, student_logit_size: int,
+                                 cache_dir: str | os.PathLike | None = None) -> StudentGroups:
+    """The student token groups of this tokenizer pair (`build_group_roots`), cached on disk like the map."""
+    digest = hashlib.sha256(f"groups-v{MAP_ALGORITHM_VERSION}\n".encode())
+    digest.update(tokenizer_hash(student_tokenizer).encode())
+    digest.update(tokenizer_hash(teacher_tokenizer).encode())
+    roots = _load_or_build_table(
+        first_token_map_path(f"{digest.hexdigest()}-{student_logit_size}", cache_dir, kind="groups"),
+        lambda: build_group_roots(student_tokenizer, teacher_tokenizer, student_logit_size),
+    )
+    return StudentGroups.from_root_table(torch.from_numpy(roots).long())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -108,15 +127,40 @@ def build_first_token_table(student_tokenizer, teacher_tokenizer, teacher_valid_
         for teacher_id, token in enumerate(teacher_bytes)
         if token is not None and teacher_id < table.shape[0] and teacher_valid_mask[teacher_id]
     ]
-    first_ids = first_student_tokens(student_tokenizer, [teacher_bytes[i] for i in mapped_ids])
+    first_ids = first_tokens(student_tokenizer, [teacher_bytes[i] for i in mapped_ids])
     table[mapped_ids] = first_ids
     return table
 
 
-def first_student_tokens(student_tokenizer, byte_strings: list[bytes]) -> list[int]:
-    """The first token of the student's mid-text tokenisation of each byte string (none may be empty)."""
-    backend = mid_text_tokenizer(student_tokenizer)
+def build_group_roots(student_tokenizer, teacher_tokenizer, student_logit_size: int) -> np.ndarray:
+    """int64 [student logit size]: the root of each student id's group, the id itself for a root.
+
+    A student token s whose bytes run past the teacher's first token r of those bytes (the student's '\\n    ' is
+    the teacher's '\\n' followed by '    ') can only be emitted where the teacher emits r. So s joins the group of
+    the student token r maps to, first(r): the teacher's probability of r is the probability of that group, the
+    event both tokenisers can express. A student token that is itself some group's root stays a root, so groups
+    are one level deep; ids without bytes (special, padding) are their own roots.
+    """
+    roots = np.arange(student_logit_size, dtype=np.int64)
     student_bytes = token_bytes_table(student_tokenizer)
+    teacher_bytes = token_bytes_table(teacher_tokenizer)
+    with_bytes = [i for i, token in enumerate(student_bytes) if token and i < student_logit_size]
+    first_teacher = first_tokens(teacher_tokenizer, [student_bytes[i] for i in with_bytes])
+    runs_past = {i: r for i, r in zip(with_bytes, first_teacher)
+                 if r != UNMAPPED and teacher_bytes[r] is not None and len(teacher_bytes[r]) < len(student_bytes[i])}
+    if not runs_past:
+        return roots
+    candidate_roots = first_tokens(student_tokenizer, [teacher_bytes[r] for r in runs_past.values()])
+    for member, root in zip(runs_past, candidate_roots):
+        if root != UNMAPPED and root != member and root not in runs_past:
+            roots[member] = root
+    return roots
+
+
+def first_tokens(tokenizer, byte_strings: list[bytes]) -> list[int]:
+    """The first token of the tokenizer's mid-text tokenisation of each byte string (none may be empty)."""
+    backend = mid_text_tokenizer(tokenizer)
+    student_bytes = token_bytes_table(tokenizer)
     byte_level = _is_byte_level(backend)
     texts, text_slots, first_ids = [], [], [0] * len(byte_strings)
     for slot, raw in enumerate(byte_strings):

@@ -24,14 +24,16 @@ from crosskd.losses.lm import LossSums, fused_chunked_losses
 from crosskd.losses.target import TopKTarget, student_atoms, target_atoms
 
 
-def uld_per_position(student_logits: Tensor, teacher_topk: TopKTarget, temperature: float) -> Tensor:
-    """ULD distance at each position: student logits [P, Vs] and the teacher's top-k -> [P]."""
+def uld_per_position(student_logits: Tensor, teacher_topk: TopKTarget, temperature: float,
+                     normalized: bool = False) -> Tensor:
+    """ULD distance at each position: student logits [P, Vs] (log-probabilities if ``normalized``) and the teacher's
+    top-k -> [P]."""
     k = teacher_topk.ids.shape[-1]
     student_k = min(k, student_logits.shape[-1])
     # The order at tau = 1 is the order at any tau, and topk returns it sorted.
     student_top_ids = student_logits.topk(student_k, dim=-1).indices
     student_p = student_atoms(student_logits, student_top_ids, torch.ones_like(student_top_ids, dtype=torch.bool),
-                              temperature).exp()
+                              temperature, normalized=normalized).exp()
     teacher_p = target_atoms(teacher_topk, temperature).exp()
     # A cached top-k need not be sorted; sorting K values is cheap.
     teacher_ranks = teacher_p[:, :-1].sort(dim=-1, descending=True).values
@@ -40,9 +42,10 @@ def uld_per_position(student_logits: Tensor, teacher_topk: TopKTarget, temperatu
     return (teacher_ranks - student_ranks).abs().sum(-1) + tail_gap
 
 
-def uld_loss_sum(student_logits: Tensor, teacher_topk: TopKTarget, temperature: float) -> tuple[Tensor, int]:
-    """(sum of the ULD distance over positions, number of positions); fits the fused chunk loop as a KD term."""
-    return uld_per_position(student_logits, teacher_topk, temperature).sum(), len(student_logits)
+def uld_loss_sum(student_logp: Tensor, teacher_topk: TopKTarget, temperature: float) -> tuple[Tensor, int]:
+    """(sum of the ULD distance over positions, number of positions) from the student's log-probabilities; fits the
+    fused chunk loop as a KD term."""
+    return uld_per_position(student_logp, teacher_topk, temperature, normalized=True).sum(), len(student_logp)
 
 
 def chunked_lm_and_uld(
