@@ -64,6 +64,7 @@ def test_numbers_are_read_as_the_declared_type():
     [
         (["objective.strategy=uld", "objective.divergence=forward_kl"], "ULD is a distance of its own"),
         (["objective.strategy=projector", "objective.mismatch_policy=keep"], "only to the first-token strategy"),
+        (["objective.strategy=projector", "objective.mismatch_policy=exclude"], "only to the first-token strategy"),
         (["objective.strategy=uld", "objective.divergence=null", "objective.mismatch_policy=keep"],
          "only to the first-token strategy"),
         (["data.heldout_documents=[]", "data.eval_fraction=0"], "no held-out split"),

@@ -99,12 +99,15 @@ def logsumexp_or_neginf(x: Tensor) -> Tensor:
 
 
 def _topk_of_chunk(logits: Tensor, k: int, invalid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    logp = upcast(logits).masked_fill(invalid, -math.inf).log_softmax(-1)
-    top_logp, top_ids = logp.topk(k, dim=-1)
+    # The top-k of the logits is the top-k of the log-probabilities, so no [P, V] log_softmax is written: only the
+    # normaliser (a reduction) is subtracted from the k kept values.
+    masked = upcast(logits).masked_fill(invalid, -math.inf)
+    top_logits, top_ids = masked.topk(k, dim=-1)
+    log_normaliser = masked.logsumexp(-1)
     # Summing the rest in log space keeps log m exact when the top-k holds almost all the mass,
     # where log(1 - sum(top-k)) would cancel catastrophically.
-    tail_logmass = logsumexp_or_neginf(logp.scatter(-1, top_ids, -math.inf))
-    return top_ids, top_logp, tail_logmass
+    rest = logsumexp_or_neginf(masked.scatter(-1, top_ids, -math.inf))
+    return top_ids, top_logits - log_normaliser.unsqueeze(-1), rest - log_normaliser
 
 
 def teacher_topk(
