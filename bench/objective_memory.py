@@ -51,10 +51,11 @@ def inputs() -> dict:
 
 
 def reference_first_token_map(valid: torch.Tensor) -> torch.Tensor:
-    from transformers import AutoTokenizer
+    from crosskd.models.loading import load_tokenizer
 
-    student = AutoTokenizer.from_pretrained(os.environ.get("CROSSKD_STUDENT", "/tmp/modelpkgs/student_hf"))
-    teacher = AutoTokenizer.from_pretrained(os.environ.get("CROSSKD_TEACHER", "/tmp/modelpkgs/teacher_hf"))
+    # Model specs (crosskd.models.loading): the reference pair from `crosskd setup-models` unless overridden.
+    student = load_tokenizer(os.environ.get("CROSSKD_STUDENT", "reference:student"), "student")
+    teacher = load_tokenizer(os.environ.get("CROSSKD_TEACHER", "reference:teacher"), "teacher")
     return load_or_build_first_token_map(student, teacher, valid, STUDENT_VOCAB).teacher_to_student
 
 

@@ -102,6 +102,7 @@ METHODS: dict[str, Method] = {
     LM_ONLY: Method("A", ("objective.kd_alpha=0",), "LM-only fine-tuning of the student"),
     "first-token": Method("C", (), "crosskd default: first-token map with merged run-past tokens, forward KL, τ 1"),
     "first-token-cached": Method("C", from_cache(), "crosskd default, teacher signal read from the cache"),
+    "first-token-cached-k64": Method("C", from_cache(top_k=64), "crosskd default from a cache of the top-64 only"),
     "first-token-exclude-anneal": Method("C", (*EXCLUDE, *ANNEAL),
                                          "first-token, run-past pairs excluded, τ 2 -> 1.5 (the first default)"),
     "first-token-exclude": Method("C", (*from_cache(), *EXCLUDE), "first-token, run-past pairs excluded (cached)"),
@@ -397,7 +398,8 @@ def plot(results: dict[str, dict], path: Path = PLOT_PATH) -> None:
     axes.set_ylabel("held-out bits per byte (lower is better)")
     steps = next((r["steps"] for r in trained.values() if "steps" in r), PROTOCOL_STEPS)
     axes.set_title(f"Reference pair, {steps} steps x 4 windows x 256 tokens\n"
-                   "grey: LM-only, orange: TRL GOLD, blue: crosskd", fontsize=10)
+                   "grey: LM-only, orange: TRL GOLD, blue: crosskd; * off-protocol (lr 1e-4)", fontsize=10)
+    axes.set_xticks(range(len(order)), [f"{m} *" if m in METHODS and METHODS[m].off_protocol else m for m in order])
     plt.setp(axes.get_xticklabels(), rotation=20, ha="right")
     figure.tight_layout()
     figure.savefig(path, dpi=120)

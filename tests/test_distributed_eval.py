@@ -32,19 +32,28 @@ SCRIPT = textwrap.dedent("""
     text = open(sys.argv[1], encoding="utf-8").read()
     result = bits_per_byte(student.model, student.tokenizer, text, window=int(sys.argv[2]), accelerator=accelerator)
     if accelerator.is_main_process:
-        json.dump({"processes": accelerator.num_processes, "backend": accelerator.state.backend,
-                   **vars(result)}, open(sys.argv[3], "w"))
+        with open(sys.argv[3], "w") as handle:  # closed (flushed) now, not at interpreter exit
+            json.dump({"processes": accelerator.num_processes, "backend": accelerator.state.backend,
+                       **vars(result)}, handle)
     accelerator.wait_for_everyone()  # no process tears the group down while its peer still writes
     accelerator.end_training()  # destroy the process group: gloo aborts a process that exits with it alive
 """)
 
 
-def _launch_two_cpu_processes(arguments: list[str], timeout: float) -> subprocess.CompletedProcess:
+# Gloo's teardown can abort a process during interpreter finalisation, after all its work is done and the process
+# group destroyed (pytorch/pytorch#190489; the abandoned fix pytorch/pytorch#179291 describes the race). Seen here
+# in about one full-suite run out of two, never in isolation. Only that exact abort is tolerated, and only once the
+# result file is complete; everything the test checks is still checked.
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def _launch_two_cpu_processes(arguments: list[str], output, timeout: float) -> subprocess.CompletedProcess:
     command = [*launch_command(2), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                *arguments]
     environment = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment, cwd=REPO)
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    aborted_at_teardown = GLOO_TEARDOWN_ABORT in completed.stderr and output.is_file()
+    assert completed.returncode == 0 or aborted_at_teardown, completed.stderr[-3000:]
     return completed
 
 
@@ -54,7 +63,7 @@ def test_bits_per_byte_over_two_processes_counts_every_window_once(tmp_path):
     text_file = corpus / "heldout.txt"
     script, output = tmp_path / "bpb.py", tmp_path / "bpb.json"
     script.write_text(SCRIPT)
-    _launch_two_cpu_processes([str(script), str(text_file), str(WINDOW), str(output)], timeout=120)
+    _launch_two_cpu_processes([str(script), str(text_file), str(WINDOW), str(output)], output, timeout=120)
     distributed = json.loads(output.read_text())
 
     student = load_model("tiny:student", "student")
