@@ -88,6 +88,14 @@ def test_merge_policy_distils_every_aligned_pair_and_its_kd_decreases(tmp_path, 
     assert all(math.isfinite(v) for v in kd) and kd[-1] < kd[0], kd
 
 
+def test_moe_teachers_expert_usage_entropy_is_logged(tmp_path):
+    config = tiny_config(tmp_path, "training.max_steps=2")  # the tiny teacher is a Qwen2-MoE
+    run_training(config)
+    for record in log_records(config.output.run_dir):
+        lowest, mean = record["teacher_expert_entropy/min"], record["teacher_expert_entropy/mean"]
+        assert 0.0 < lowest <= mean <= 1.0  # normalised to [0, 1]; a random router is far from collapsed (0)
+
+
 def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return all(torch.equal(a[name], b[name]) for name in a)
 

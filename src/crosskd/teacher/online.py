@@ -14,6 +14,7 @@ from torch import Tensor
 
 from crosskd.losses.chunking import chunk_slices
 from crosskd.losses.target import TopKTarget, teacher_topk
+from crosskd.models.moe import expert_usage_entropy, is_moe_config
 
 
 @dataclass
@@ -22,6 +23,9 @@ class TeacherSignal:
     final_hidden: Tensor  # [P, H_t] the teacher's last hidden state (after its final norm) at the aligned pairs
     hidden_states: tuple[Tensor, ...] | None = None  # every layer [B, M, H_t], when a feature term needs them
     attentions: tuple[Tensor, ...] | None = None  # [B, heads, M, M] per layer, when attention alignment is on
+    # An MoE teacher's per-layer expert-usage entropy over the batch's real tokens, in [0, 1] (1: experts used evenly);
+    # a collapsed router shows as values near 0 (crosskd.models.moe).
+    expert_usage_entropy: Tensor | None = None
 
 
 class OnlineTeacher:
@@ -30,6 +34,7 @@ class OnlineTeacher:
         self.valid_mask = valid_mask
         self.top_k = top_k
         self.chunk_size = chunk_size
+        self.moe_top_k = model.config.num_experts_per_tok if is_moe_config(model.config) else None
 
     @torch.no_grad()  # not inference_mode: the signal's tensors serve as targets inside autograd graphs
     def signal(self, batch, hidden_states: bool = False, attentions: bool = False) -> TeacherSignal:
@@ -38,6 +43,7 @@ class OnlineTeacher:
             attention_mask=batch.teacher_attention_mask,
             output_hidden_states=hidden_states,
             output_attentions=attentions,
+            **({"output_router_logits": True} if self.moe_top_k else {}),
         )
         final = outputs.last_hidden_state[batch.pair_batch, batch.pair_teacher_pos]
         head = self.model.get_output_embeddings()
@@ -52,4 +58,7 @@ class OnlineTeacher:
             final_hidden=final,
             hidden_states=outputs.hidden_states if hidden_states else None,
             attentions=outputs.attentions if attentions else None,
+            expert_usage_entropy=(expert_usage_entropy(outputs.router_logits, self.moe_top_k,
+                                                       batch.teacher_attention_mask)
+                                  if self.moe_top_k else None),
         )

@@ -122,6 +122,7 @@ class DistillationObjective(nn.Module):
         self.last_raw: dict[str, float] = {}
         self.prefit_report = None
         self._diagnostics: dict[str, float] = {}
+        self._teacher_diagnostics: dict[str, float] = {}
 
     def _build_feature_heads(self, config: Config, teacher_model, student_model) -> None:
         """The intermediate-layer terms that are switched on (alpha > 0), each with its learned head."""
@@ -229,8 +230,9 @@ class DistillationObjective(nn.Module):
                 torch.cat(nll).mean().item())
 
     def diagnostics(self) -> dict[str, float]:
-        """Router health for the logs: each expert's token share, gate entropy, each group's error."""
-        return dict(self._diagnostics)
+        """Router health for the logs (each expert's token share, gate entropy, each group's error) and an MoE
+        teacher's expert-usage entropy (lowest and mean over its layers) on the last micro-batch."""
+        return {**self._diagnostics, **self._teacher_diagnostics}
 
     # --- counting -----------------------------------------------------------------------------------------------------
     def kd_pair_mask(self, batch) -> Tensor:
@@ -260,8 +262,13 @@ class DistillationObjective(nn.Module):
         return bool(self.attention_layer_pairs) and weights["attention"] > 0
 
     def _teacher_signal(self, batch, weights: dict[str, float]) -> TeacherSignal:
-        return self._teacher_source.signal(batch, hidden_states=self.uses_hidden_states,
-                                           attentions=self._wants_attentions(weights))
+        signal = self._teacher_source.signal(batch, hidden_states=self.uses_hidden_states,
+                                             attentions=self._wants_attentions(weights))
+        if signal.expert_usage_entropy is not None:
+            entropy = signal.expert_usage_entropy
+            self._teacher_diagnostics = {"teacher_expert_entropy/min": float(entropy.min()),
+                                         "teacher_expert_entropy/mean": float(entropy.mean())}
+        return signal
 
     @property
     def lm_only(self) -> bool:
