@@ -168,20 +168,30 @@ class StudentGroups:
     root_table: int64 [V] each student id's root (itself for a root); members: int64 [M] the ids whose root is
     another token; roots: int64 [M] their roots (never members themselves). A group is an event both tokenisers can
     express: see `crosskd.vocab.first_token.build_group_roots`. A root's atom holds the probability of the root and
-    of all its members; members are never on a support.
+    of all its members; members are never on a support. `member_slot` [M] numbers each member's root among the
+    distinct roots, and `root_slot` [V] gives every id its root number (the spare last number for ids that are no
+    root), so the per-chunk pooling is an index_add and a gather.
     """
 
     root_table: Tensor
     members: Tensor
     roots: Tensor
+    member_slot: Tensor
+    root_slot: Tensor
+    spare_slot: int  # the number of distinct roots: the slot of ids that are no root
 
     @classmethod
     def from_root_table(cls, root_table: Tensor) -> StudentGroups:
         members = (root_table != torch.arange(len(root_table), device=root_table.device)).nonzero().squeeze(-1)
-        return cls(root_table, members, root_table[members])
+        roots = root_table[members]
+        distinct_roots, member_slot = roots.unique(return_inverse=True)
+        root_slot = torch.full_like(root_table, len(distinct_roots))
+        root_slot[distinct_roots] = torch.arange(len(distinct_roots), device=root_table.device)
+        return cls(root_table, members, roots, member_slot, root_slot, len(distinct_roots))
 
     def to(self, device) -> StudentGroups:
-        return StudentGroups(self.root_table.to(device), self.members.to(device), self.roots.to(device))
+        return StudentGroups(*(field.to(device) for field in (self.root_table, self.members, self.roots,
+                                                               self.member_slot, self.root_slot)), self.spare_slot)
 
     def root_of(self, ids: Tensor) -> Tensor:
         """Each id's group root; negative ids (unmapped) pass through."""
@@ -190,13 +200,11 @@ class StudentGroups:
     def member_mass_at(self, logp: Tensor, support_ids: Tensor) -> Tensor:
         """The probability the members of each support id's group carry: [P, V] log-probabilities and [P, K] ids
         -> [P, K] (0 where a support id has no members)."""
-        roots, slot = self.roots.unique(return_inverse=True)
         member_probs = logp[:, self.members].exp()
-        root_probs = member_probs.new_zeros(len(logp), len(roots) + 1).index_add_(1, slot, member_probs)
+        root_probs = member_probs.new_zeros(len(logp), self.spare_slot + 1).index_add_(1, self.member_slot,
+                                                                                      member_probs)
         # Support ids that are no root read the spare last column, which stays 0.
-        lookup = torch.full((logp.shape[-1],), len(roots), dtype=torch.int64, device=logp.device)
-        lookup[roots] = torch.arange(len(roots), device=logp.device)
-        return root_probs.gather(-1, lookup[support_ids])
+        return root_probs.gather(-1, self.root_slot[support_ids])
 
     def extend_indicator(self, indicator: Tensor) -> Tensor:
         """bool [P, V] support indicator -> the same with every member of a support id's group set too."""

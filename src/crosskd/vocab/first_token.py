@@ -103,11 +103,12 @@ def load_or_build_first_token_map(
 def load_or_build_student_groups(student_tokenizer, teacher_tokenizer, student_logit_size: int,
                                  cache_dir: str | os.PathLike | None = None) -> StudentGroups:
     """The student token groups of this tokenizer pair (`build_group_roots`), cached on disk like the map."""
-    digest = hashlib.sha256(f"groups-v{MAP_ALGORITHM_VERSION}\n".encode())
+    # The logit size is part of the key (the table has one row per logit id), not a suffix the path would cut off.
+    digest = hashlib.sha256(f"groups-v{MAP_ALGORITHM_VERSION}\n{student_logit_size}\n".encode())
     digest.update(tokenizer_hash(student_tokenizer).encode())
     digest.update(tokenizer_hash(teacher_tokenizer).encode())
     roots = _load_or_build_table(
-        first_token_map_path(f"{digest.hexdigest()}-{student_logit_size}", cache_dir, kind="groups"),
+        first_token_map_path(digest.hexdigest(), cache_dir, kind="groups"),
         lambda: build_group_roots(student_tokenizer, teacher_tokenizer, student_logit_size),
     )
     return StudentGroups.from_root_table(torch.from_numpy(roots).long())
@@ -160,7 +161,7 @@ def build_group_roots(student_tokenizer, teacher_tokenizer, student_logit_size: 
 def first_tokens(tokenizer, byte_strings: list[bytes]) -> list[int]:
     """The first token of the tokenizer's mid-text tokenisation of each byte string (none may be empty)."""
     backend = mid_text_tokenizer(tokenizer)
-    student_bytes = token_bytes_table(tokenizer)
+    token_bytes = token_bytes_table(tokenizer)
     byte_level = _is_byte_level(backend)
     texts, text_slots, first_ids = [], [], [0] * len(byte_strings)
     for slot, raw in enumerate(byte_strings):
@@ -168,7 +169,7 @@ def first_tokens(tokenizer, byte_strings: list[bytes]) -> list[int]:
             texts.append(raw.decode("utf-8"))
             text_slots.append(slot)
         except UnicodeDecodeError:
-            first_ids[slot] = _first_token_of_partial_utf8(backend, raw, byte_level, student_bytes)
+            first_ids[slot] = _first_token_of_partial_utf8(backend, raw, byte_level, token_bytes)
     # One Rust batch call for the ~99% of tokens that are whole characters: this is what keeps the build fast.
     for slot, encoding in zip(text_slots, backend.encode_batch(texts, add_special_tokens=False)):
         first_ids[slot] = _first_token_id(encoding.ids, encoding.offsets)
