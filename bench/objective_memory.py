@@ -67,9 +67,10 @@ def objective(case: str, x: dict, token_map: torch.Tensor, projector: LogitProje
         target = push_topk_through_map(teacher_topk(x["teacher_logits"], TOP_K, x["valid"]), token_map)
         return chunked_lm_and_kd(hidden, embedding, no_lm, rows, target, 1.0, "forward_kl").kd_sum
     if case == "projector":
-        target = projected_target(projector, x["teacher_hidden"], embedding, TOP_K)
+        # The default residual projector reads the student's (detached) final state next to the teacher's.
+        target = projected_target(projector, x["teacher_hidden"], embedding, TOP_K, student_hidden=hidden)
         kd = chunked_lm_and_kd(hidden, embedding, no_lm, rows, target, 1.0, "forward_kl").kd_sum
-        return kd + anchor_loss(projector, x["teacher_hidden"], embedding, x["targets"])[0]
+        return kd + anchor_loss(projector, x["teacher_hidden"], embedding, x["targets"], student_hidden=hidden)[0]
     if case == "uld":
         return chunked_lm_and_uld(hidden, embedding, no_lm, rows, teacher_topk(x["teacher_logits"], TOP_K, x["valid"]),
                                   1.0).kd_sum
@@ -90,7 +91,7 @@ def run_case(case: str) -> dict:
     torch.set_num_threads(1)  # the CPU is shared; one thread keeps timings comparable between cases
     x = inputs()
     token_map = reference_first_token_map(x["valid"])
-    projector = LogitProjector(TEACHER_DIM, STUDENT_DIM)
+    projector = LogitProjector(TEACHER_DIM, STUDENT_DIM, residual=case == "projector")  # the seed's map is plain
     objective(case, x, token_map, projector).backward()  # warm-up
     x["student_hidden"].grad = None
     baseline = psutil.Process().memory_info().rss

@@ -110,12 +110,20 @@ METHODS: dict[str, Method] = {
                                   "first-token, run-past pairs excluded, no LM term, no KD warm-up (cached)"),
     "first-token-kd3": Method("C", (*from_cache(), *NO_KD_WARMUP, "objective.kd_alpha=3"),
                               "crosskd default with KD weight 3 from step 0 (cached)"),
-    "first-token-rkl": Method("C", ("objective.divergence=reverse_kl",), "first-token map, reverse KL"),
-    "jsd": Method("C", ("objective.divergence=generalized_jsd",), "first-token map, generalized JSD"),
-    "projector": Method("C", ("objective.strategy=projector",), "logit projector, forward KL"),
-    # ULD is a distance of its own: the reference config's divergence must be unset.
-    "uld": Method("C", ("objective.strategy=uld", "objective.divergence=null"), "ULD (sorted-probability L1)"),
+    "first-token-rkl": Method("C", (*from_cache(), "objective.divergence=reverse_kl"),
+                              "first-token map, reverse KL (cached)"),
+    "jsd": Method("C", (*from_cache(), "objective.divergence=generalized_jsd"),
+                  "first-token map, generalized JSD β 0.5 (cached)"),
+    "projector": Method("C", ("objective.strategy=projector",),
+                        "residual logit projector (pre-fitted, anchored), forward KL"),
+    # ULD is a distance of its own: the reference config's divergence must be unset. It reads the teacher's top-k only.
+    "uld": Method("C", (*from_cache(), "objective.strategy=uld", "objective.divergence=null"),
+                  "ULD (sorted-probability L1, cached)"),
     "router": Method("C", ("router.enabled=true",), "crosskd default + student-aware router feature term"),
+    "router-dense": Method("C", ("router.enabled=true", "router.dense=true"),
+                           "crosskd default + dense matching of every teacher layer group (the router's parameters)"),
+    "intermediate": Method("C", ("router.enabled=true", "router.layerwise_alpha=0.1", "router.contrastive_alpha=0.1"),
+                           "crosskd default + router + layerwise + contrastive terms"),
     # Off the protocol (its lr is 2e-5): how much more KD gives when the student is allowed to move further.
     "lm-only-lr1e-4": Method("A", ("objective.kd_alpha=0", "optimizer.lr=1e-4"),
                              "LM-only fine-tuning at lr 1e-4 (off-protocol)", off_protocol=True),
@@ -123,7 +131,8 @@ METHODS: dict[str, Method] = {
                                  "crosskd default at lr 1e-4 (off-protocol, cached)", off_protocol=True),
     TEACHER: Method("D", (), "the teacher, evaluated only"),
 }
-DEFAULT_ORDER = (LM_ONLY, "first-token", "uld", "projector", "router", "first-token-rkl", "jsd", TEACHER)
+DEFAULT_ORDER = (LM_ONLY, "first-token", "uld", "projector", "router", "router-dense", "first-token-rkl", "jsd",
+                 TEACHER)
 
 
 def result_path(method: str) -> Path:

@@ -42,6 +42,10 @@ def test_loop_runs_with_finite_losses_whose_components_add_up(tmp_path, capsys):
         assert all(math.isfinite(v) for v in [record["total"], *components.values()])
         assert math.isclose(sum(components.values()), record["total"], rel_tol=1e-5)
         assert record["lr"] == pytest.approx(1e-3)
+        # Raw values are logged too: the LM term has weight 1, KD's weight is the warm-up's at the step's progress.
+        kd_weight = loss_weights((record["step"] - 1) / 4, schedule_settings(config))["kd"]
+        assert record["raw/lm"] == pytest.approx(record["loss/lm"])
+        assert record["raw/kd"] * kd_weight == pytest.approx(record["loss/kd"], rel=1e-5)
     assert "'raw'" in capsys.readouterr().out  # the debug switch prints raw and weighted components
 
     assert result.steps == 4 and result.nonfinite_skipped == 0
@@ -49,6 +53,25 @@ def test_loop_runs_with_finite_losses_whose_components_add_up(tmp_path, capsys):
     assert [r["step"] for r in log_records(config.output.run_dir, "eval")] == [4]
     # The resolved config is saved in the run directory and reproduces the run's config.
     assert load_config(f"{config.output.run_dir}/config.yaml") == config
+
+
+@pytest.mark.parametrize("overrides", [
+    ("objective.strategy=projector",),
+    ("objective.strategy=projector", "objective.projector_residual=false"),
+    ("objective.strategy=uld", "objective.divergence=null"),
+], ids=["projector-residual", "projector-plain", "uld"])
+def test_every_strategy_trains_with_finite_components_that_add_up(tmp_path, capsys, overrides):
+    config = tiny_config(tmp_path, "training.max_steps=3", *overrides)
+    result = run_training(config, debug=True)
+    projector = config.objective.strategy == "projector"
+    expected = {"loss/lm", "loss/kd", "loss/anchor"} if projector else {"loss/lm", "loss/kd"}
+    for record in log_records(config.output.run_dir):
+        components = {k: v for k, v in record.items() if k.startswith("loss/")}
+        assert set(components) == expected
+        assert all(math.isfinite(v) for v in components.values())
+        assert math.isclose(sum(components.values()), record["total"], rel_tol=1e-5)
+    assert result.steps == 3 and result.nonfinite_skipped == 0
+    assert ("projector pre-fit:" in capsys.readouterr().out) == projector
 
 
 def test_debug_sum_check_can_fail():

@@ -69,6 +69,9 @@ class ObjectiveConfig:
     scale_by_t2: bool = True
     chunk_size: int = 256  # positions per float32 logit chunk
     projector_prefit_steps: int = 200
+    # The projector adds a teacher-driven correction to the student's own (detached) final state, starting at zero,
+    # instead of rebuilding the student's prediction from the teacher's state alone (docs/VOCAB.md).
+    projector_residual: bool = True
     projector_anchor_alpha: float = 1.0
 
 

@@ -39,6 +39,7 @@ from crosskd.vocab.projector import (
     least_squares_init,
     prefit_projector,
     projected_target,
+    without_sink,
 )
 from crosskd.vocab.uld import chunked_lm_and_uld
 
@@ -72,6 +73,17 @@ def schedule_settings(config: Config) -> ScheduleSettings:
         load_balance_alpha=router.load_balance_alpha if on else 0.0,
         importance_alpha=router.importance_alpha if on else 0.0,
     )
+
+
+@dataclass(frozen=True)
+class PrefitPairs:
+    """The aligned pairs of the projector's pre-fit batches."""
+
+    teacher_features: Tensor  # [P, D_t] the teacher's final hidden state
+    after_sink: Tensor  # bool [P] the teacher position is not window position 0
+    target_ids: Tensor  # [P] the true next student token
+    student_hidden: Tensor  # [P, D_s] the student's final hidden state
+    student_nll: float  # the frozen student's own mean NLL of the true next tokens
 
 
 class DistillationObjective(nn.Module):
@@ -116,7 +128,8 @@ class DistillationObjective(nn.Module):
             teacher_to_student = self.student_groups.root_of(teacher_to_student)
         self.register_buffer("teacher_to_student", teacher_to_student, persistent=False)
         if self.strategy == "projector":
-            self.projector = LogitProjector(teacher.model.config.hidden_size, student.model.config.hidden_size)
+            self.projector = LogitProjector(teacher.model.config.hidden_size, student.model.config.hidden_size,
+                                            residual=objective.projector_residual)
             self.anchor_alpha = objective.projector_anchor_alpha
         self._build_feature_heads(config, teacher.model, student.model)
         self.last_raw: dict[str, float] = {}
@@ -185,8 +198,9 @@ class DistillationObjective(nn.Module):
         """Fit what must be sane before the first step, on training batches the loop does not start with.
 
         The teacher's hidden-state statistics (for the feature terms) are estimated once and stored with the run.
-        The projector is pre-fitted with the student frozen: a random projector gives a confident random target,
-        ~17 nats of KL at step 0. The first half of `batches` fits, the second half decides when to stop. A resumed
+        The projector's feature standardisation is fitted, then the projector is pre-fitted with the student frozen
+        (a random plain projector gives a confident random target, ~17 nats of KL at step 0; the residual one starts
+        as the student and must learn what the teacher adds before it teaches anything). The first half of `batches` fits, the second half decides when to stop. A resumed
         run reads the statistics back and gets the projector from its checkpoint.
         """
         if self.heads:
@@ -203,19 +217,27 @@ class DistillationObjective(nn.Module):
             return
         self.projector.to(device)
         half = max(1, len(batches) // 2)
-        fit, check = self._anchor_data(batches[:half]), self._anchor_data(batches[half:] or batches[:half])
-        least_squares_init(self.projector, fit[0].teacher_features, fit[1])
+        fit, check = self._prefit_pairs(batches[:half]), self._prefit_pairs(batches[half:] or batches[:half])
+        # Statistics from the pairs after window position 0 (the attention sink, see `without_sink`).
+        self.projector.fit_standardisation(fit.teacher_features[fit.after_sink] if fit.after_sink.any()
+                                           else fit.teacher_features)
+        train, heldout = (self._anchor_view(pairs) for pairs in (fit, check))
+        if not self.projector.residual:
+            least_squares_init(self.projector, train.teacher_features, fit.student_hidden)
         embedding = self._student[0].model.get_output_embeddings().weight
-        self.prefit_report = prefit_projector(self.projector, embedding, fit[0], check[0], check[2],
+        self.prefit_report = prefit_projector(self.projector, embedding, train, heldout, check.student_nll,
                                               max_steps=self.config.objective.projector_prefit_steps,
                                               chunk_size=self.chunk_size)
 
+    def _anchor_view(self, pairs: PrefitPairs) -> AnchorData:
+        """What the projector reads of the pre-fit pairs: the residual one also takes the student's final state."""
+        features = without_sink(pairs.teacher_features, pairs.after_sink, self.projector.feature_mean)
+        return AnchorData(features, pairs.target_ids, pairs.student_hidden if self.projector.residual else None)
+
     @torch.no_grad()
-    def _anchor_data(self, batches) -> tuple[AnchorData, Tensor, float]:
-        """(teacher features and true next student tokens at aligned pairs, the student's final hidden states
-        there, the student's own mean NLL of those tokens)."""
+    def _prefit_pairs(self, batches) -> PrefitPairs:
         model = self._student[0].model
-        features, targets, hidden_rows, nll = [], [], [], []
+        features, targets, hidden_rows, nll, after_sink = [], [], [], [], []
         for batch in batches:
             signal = self._teacher_source.signal(batch)
             hidden = self._student_outputs(batch).hidden_states[-1]
@@ -226,8 +248,13 @@ class DistillationObjective(nn.Module):
             features.append(signal.final_hidden.float())
             targets.append(next_ids)
             hidden_rows.append(rows.float())
-        return (AnchorData(torch.cat(features), torch.cat(targets)), torch.cat(hidden_rows),
-                torch.cat(nll).mean().item())
+            after_sink.append(batch.pair_teacher_pos > 0)
+        return PrefitPairs(*(torch.cat(parts) for parts in (features, after_sink, targets, hidden_rows)),
+                           torch.cat(nll).mean().item())
+
+    def _projector_features(self, signal: TeacherSignal, batch, mask: Tensor) -> Tensor:
+        """The teacher's final hidden state at the selected pairs, window position 0 at the fitted mean."""
+        return without_sink(signal.final_hidden[mask], (batch.pair_teacher_pos > 0)[mask], self.projector.feature_mean)
 
     def diagnostics(self) -> dict[str, float]:
         """Router health for the logs (each expert's token share, gate entropy, each group's error) and an MoE
@@ -312,9 +339,12 @@ class DistillationObjective(nn.Module):
         }
         if self.projector is not None:
             # The anchor keeps the projector a good predictor of the true next student token while the student moves.
+            every_pair = torch.ones_like(batch.pair_batch, dtype=torch.bool)
             next_ids = batch.student_targets[batch.pair_batch, batch.pair_student_pos]
-            anchor_sum, _ = anchor_loss(self.projector, signal.final_hidden, student_model.get_output_embeddings().weight,
-                                        next_ids, self.chunk_size)
+            student_rows = hidden[batch.pair_batch, batch.pair_student_pos] if self.projector.residual else None
+            anchor_sum, _ = anchor_loss(self.projector, self._projector_features(signal, batch, every_pair),
+                                        student_model.get_output_embeddings().weight, next_ids, self.chunk_size,
+                                        student_rows)
             terms["anchor"] = Term(anchor_sum, PER_TOKEN, count_key="kd", weight_key="anchor")
         if self.uses_hidden_states:
             terms.update(self._feature_terms(outputs, signal, batch, weights, attentions))
@@ -360,8 +390,8 @@ class DistillationObjective(nn.Module):
         if self.strategy == "uld":
             return chunked_lm_and_uld(hidden, head_weight, lm_targets, kd_rows, signal.topk.select(kd_mask),
                                       temperature, chunk_size=self.chunk_size)
-        return chunked_lm_and_kd(hidden, head_weight, lm_targets, kd_rows, self._mapped_teacher(signal, kd_mask),
-                                 temperature, self.divergence, chunk_size=self.chunk_size,
+        target = self._mapped_teacher(signal, batch, kd_mask, hidden[kd_rows])
+        return chunked_lm_and_kd(hidden, head_weight, lm_targets, kd_rows, target, temperature, self.divergence, chunk_size=self.chunk_size,
                                  scale_by_t2=self.scale_by_t2, student_groups=self._groups_on(hidden.device))
 
     def _groups_on(self, device) -> StudentGroups | None:
@@ -369,12 +399,14 @@ class DistillationObjective(nn.Module):
             self.student_groups = self.student_groups.to(device)
         return self.student_groups
 
-    def _mapped_teacher(self, signal: TeacherSignal, kd_mask: Tensor) -> MappedTarget:
-        """The teacher's distribution on the student's vocabulary at the KD pairs (detached: a target)."""
+    def _mapped_teacher(self, signal: TeacherSignal, batch, kd_mask: Tensor, student_rows: Tensor) -> MappedTarget:
+        """The teacher's distribution on the student's vocabulary at the KD pairs (detached: a target).
+        `student_rows`: the student's final hidden state at those pairs (the residual projector reads it)."""
         if self.strategy == "projector":
             embedding = self._student[0].model.get_output_embeddings().weight
-            return projected_target(self.projector, signal.final_hidden[kd_mask], embedding, self.top_k,
-                                    self.chunk_size)
+            return projected_target(self.projector, self._projector_features(signal, batch, kd_mask), embedding,
+                                    self.top_k, self.chunk_size,
+                                    student_rows if self.projector.residual else None)
         return push_topk_through_map(signal.topk.select(kd_mask), self.teacher_to_student)
 
     def combine(self, terms: dict[str, Term], counts: dict[str, Tensor], weights: dict[str, float],
@@ -426,9 +458,9 @@ class DistillationObjective(nn.Module):
     def _retention_stats(self, batch, signal: TeacherSignal) -> tuple[Tensor, Tensor, Tensor]:
         student_model = self._student[0].model
         kd_mask = self.kd_pair_mask(batch)
-        target = self._mapped_teacher(signal, kd_mask)
         hidden = self._student_outputs(batch).hidden_states[-1]
         rows = hidden[batch.pair_batch[kd_mask], batch.pair_student_pos[kd_mask]]
+        target = self._mapped_teacher(signal, batch, kd_mask, rows)
         logits = student_model.get_output_embeddings()(rows).float()
         groups = self._groups_on(logits.device)
         student_logp, teacher_logp = support_atoms(logits, target, temperature=1.0, groups=groups)

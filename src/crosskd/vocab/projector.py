@@ -1,13 +1,22 @@
 """The `projector` strategy: a learned linear map from the teacher's representation into the student's logit space.
 
-    teacher features [P, D_t] --(LogitProjector, learned)--> [P, D_s] --(student output embedding, DETACHED)--> [P, V_s]
+    teacher features [P, D_t] --standardise--> --(LogitProjector, learned)--> [P, D_s]
+        (+ the student's own final hidden state, DETACHED, in the default residual form)
+        --(student output embedding, DETACHED)--> [P, V_s]
 
 Teacher features are either the teacher's final hidden state at the aligned position (the fast path) or the
 teacher's top-k probabilities times its output-embedding rows, computed with `embedding_bag` so the dense
 [positions x 151,936] probability matrix never exists. Why each safeguard is there (docs/VOCAB.md):
 
-- the projector is pre-fitted with the student frozen before KD starts: a random map sends the teacher's hidden
-  state (norm ~160) to confident random logits, whose KL to the student is ~17 nats at step 0;
+- residual form (default): the map adds a teacher-driven correction to the student's own detached final state and
+  starts at zero, so the target starts as the student's own distribution (step-0 KD 0) and the pre-fit only has to
+  learn what the teacher adds. A plain map from the teacher's state alone has to rebuild the whole next-token
+  predictor from a few thousand pairs; on the reference pair it never beat the student (docs/VOCAB.md);
+- features are standardised per channel with statistics of the pre-fit pairs: the teacher's final hidden state has
+  norm ~170, dominated by a few channels, and window position 0 (the attention sink) is an outlier by far, so its
+  features are set to the mean (the residual projector then gives the student's own prediction there);
+- the projector is pre-fitted with the student frozen before KD starts: a random plain map sends the teacher's state
+  to confident random logits, whose KL to the student is ~17 nats at step 0;
 - the cross-entropy anchor on the true next student token keeps the projector a good predictor while the student
   moves; without it, KD would pull the projector towards whatever the student already says;
 - the student's output embedding is detached here: the embedding is tied to the input embedding, and a gradient
@@ -17,6 +26,7 @@ teacher's top-k probabilities times its output-embedding rows, computed with `em
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -30,17 +40,58 @@ IGNORE_INDEX = -100
 
 
 class LogitProjector(nn.Module):
-    """The learned map from teacher features [.., D_t] to the student's output-embedding space [.., D_s]."""
+    """The learned map from teacher features [.., D_t] to the student's output-embedding space [.., D_s].
 
-    def __init__(self, teacher_dim: int, student_dim: int):
+    `residual=True`: output = student's final hidden state (detached) + linear(standardised teacher features), with
+    the linear map starting at zero. `residual=False`: output = linear(standardised teacher features) (the seed's
+    design), started by `least_squares_init`.
+    """
+
+    def __init__(self, teacher_dim: int, student_dim: int, residual: bool = True):
         super().__init__()
+        self.residual = residual
         self.linear = nn.Linear(teacher_dim, student_dim, bias=True)
-        # A small init only keeps the first pre-fit steps tame; it is not what makes step 0 sane (pre-fit is).
-        nn.init.normal_(self.linear.weight, std=0.01)
+        # Per-channel standardisation of the teacher features, fitted once from data (`fit_standardisation`) and
+        # saved with the projector.
+        self.register_buffer("feature_mean", torch.zeros(teacher_dim))
+        self.register_buffer("feature_inverse_std", torch.ones(teacher_dim))
+        if residual:
+            nn.init.zeros_(self.linear.weight)
+        else:
+            # A small init only keeps the first pre-fit steps tame; pre-fit is what makes step 0 sane.
+            nn.init.normal_(self.linear.weight, std=0.01)
         nn.init.zeros_(self.linear.bias)
 
-    def forward(self, teacher_features: Tensor) -> Tensor:
-        return self.linear(teacher_features.to(self.linear.weight.dtype))
+    @torch.no_grad()
+    def fit_standardisation(self, teacher_features: Tensor) -> None:
+        features = teacher_features.double()
+        std = features.std(dim=0)
+        # Channels that never vary would otherwise get an infinite scale.
+        floor = 1e-6 * float(std.mean().clamp_min(1e-12))
+        self.feature_mean.copy_(features.mean(dim=0))
+        self.feature_inverse_std.copy_(1.0 / std.clamp_min(floor))
+
+    def standardise(self, teacher_features: Tensor) -> Tensor:
+        features = teacher_features.to(self.linear.weight.dtype)
+        return (features - self.feature_mean.to(features.dtype)) * self.feature_inverse_std.to(features.dtype)
+
+    def forward(self, teacher_features: Tensor, student_hidden: Tensor | None = None) -> Tensor:
+        correction = self.linear(self.standardise(teacher_features))
+        if not self.residual:
+            return correction
+        if student_hidden is None:
+            raise ValueError("a residual LogitProjector needs the student's final hidden state at the same positions")
+        return student_hidden.detach().to(correction.dtype) + correction
+
+
+def without_sink(features: Tensor, after_sink: Tensor, feature_mean: Tensor) -> Tensor:
+    """`features` [P, D_t] with the rows at teacher window position 0 (`after_sink` False) set to `feature_mean`.
+
+    Position 0 is the attention sink: its final state is many standard deviations off in a few channels, so a
+    projector reading it would produce an arbitrary correction there. At the mean, the standardised features are 0:
+    the residual projector gives the student's own prediction and the plain one its bias.
+    """
+    return torch.where(after_sink[:, None], features, feature_mean.to(features.dtype))
 
 
 def teacher_features_from_topk(topk_ids: Tensor, topk_probs: Tensor, teacher_embedding: Tensor) -> Tensor:
@@ -52,12 +103,17 @@ def teacher_features_from_topk(topk_ids: Tensor, topk_probs: Tensor, teacher_emb
                            mode="sum")
 
 
-def projected_logits(projector: LogitProjector, teacher_features: Tensor, student_output_embedding: Tensor) -> Tensor:
+def _rows(student_hidden: Tensor | None, rows: slice) -> Tensor | None:
+    return None if student_hidden is None else student_hidden[rows]
+
+
+def projected_logits(projector: LogitProjector, teacher_features: Tensor, student_output_embedding: Tensor,
+                     student_hidden: Tensor | None = None) -> Tensor:
     """Student-vocabulary logits [P, V_s] of the projected teacher features, through the DETACHED student embedding.
 
     Call it on one chunk of positions at a time; its width is the student vocabulary, never the teacher's.
     """
-    projected = upcast(projector(teacher_features))
+    projected = upcast(projector(teacher_features, student_hidden))
     return projected @ upcast(student_output_embedding.detach()).T
 
 
@@ -67,6 +123,7 @@ def anchor_loss(
     student_output_embedding: Tensor,
     target_ids: Tensor,
     chunk_size: int = DEFAULT_CHUNK_ROWS,
+    student_hidden: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Cross-entropy of the projected logits on the true next student token: (sum over positions, count).
 
@@ -77,13 +134,14 @@ def anchor_loss(
     for rows in chunk_slices(teacher_features.shape[0], chunk_size):
         total = total + torch.utils.checkpoint.checkpoint(
             _anchor_chunk_sum, projector, teacher_features[rows], student_output_embedding, target_ids[rows],
-            use_reentrant=False,
+            _rows(student_hidden, rows), use_reentrant=False,
         )
     return total, (target_ids != IGNORE_INDEX).sum()
 
 
-def _anchor_chunk_sum(projector, features: Tensor, embedding: Tensor, targets: Tensor) -> Tensor:
-    logits = projected_logits(projector, features, embedding)
+def _anchor_chunk_sum(projector, features: Tensor, embedding: Tensor, targets: Tensor,
+                      student_hidden: Tensor | None) -> Tensor:
+    logits = projected_logits(projector, features, embedding, student_hidden)
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
@@ -94,6 +152,7 @@ def projected_target(
     student_output_embedding: Tensor,
     top_k: int,
     chunk_size: int = DEFAULT_CHUNK_ROWS,
+    student_hidden: Tensor | None = None,
 ) -> MappedTarget:
     """The projector's distribution as a KD target, DETACHED: its top-k on the student vocabulary plus a tail atom,
     the same kind of target the first-token strategy gives, so both feed the same divergences.
@@ -103,7 +162,8 @@ def projected_target(
     """
     every_id = torch.ones(student_output_embedding.shape[0], dtype=torch.bool, device=teacher_features.device)
     parts = [
-        teacher_topk(projected_logits(projector, teacher_features[rows], student_output_embedding), top_k, every_id)
+        teacher_topk(projected_logits(projector, teacher_features[rows], student_output_embedding,
+                                      _rows(student_hidden, rows)), top_k, every_id)
         for rows in chunk_slices(teacher_features.shape[0], chunk_size)
     ]
     ids, logp, tail_logmass = (torch.cat(field) for field in zip(*((t.ids, t.logp, t.tail_logmass) for t in parts)))
@@ -116,42 +176,57 @@ def projected_target(
 
 @dataclass(frozen=True)
 class AnchorData:
-    """Aligned positions for fitting the projector: teacher features and the true next student token."""
+    """Aligned positions for fitting the projector: teacher features, the true next student token, and (for the
+    residual projector) the student's final hidden state there."""
 
     teacher_features: Tensor  # [P, D_t]
     target_ids: Tensor  # int64 [P]
+    student_hidden: Tensor | None = None  # [P, D_s]
+
+    def __len__(self) -> int:
+        return self.target_ids.shape[0]
+
+    def rows(self, index: Tensor) -> AnchorData:
+        hidden = None if self.student_hidden is None else self.student_hidden[index]
+        return AnchorData(self.teacher_features[index], self.target_ids[index], hidden)
+
+    def anchor(self, projector: LogitProjector, student_output_embedding: Tensor, chunk_size: int) -> Tensor:
+        """Mean anchor cross-entropy over these positions (with gradient to the projector)."""
+        total, count = anchor_loss(projector, self.teacher_features, student_output_embedding, self.target_ids,
+                                   chunk_size, self.student_hidden)
+        return total / count.clamp_min(1)
 
     def mean_nll(self, projector: LogitProjector, student_output_embedding: Tensor, chunk_size: int) -> float:
         with torch.no_grad():
-            total, count = anchor_loss(projector, self.teacher_features, student_output_embedding, self.target_ids,
-                                       chunk_size)
-        return float(total / count.clamp_min(1))
+            return float(self.anchor(projector, student_output_embedding, chunk_size))
 
 
 @dataclass(frozen=True)
 class PrefitReport:
     steps: int
-    heldout_nll: float  # the projector's mean NLL of the true next student token on held-out positions
+    heldout_nll: float  # the projector's mean NLL of the true next student token on held-out positions (best kept)
     student_nll: float  # the frozen student's own mean NLL on the same positions
-    beats_student: bool  # False: the step budget ran out first
+    beats_student: bool  # False: the projector never got below the student on held-out positions
 
     def describe(self) -> str:
-        verdict = "beats" if self.beats_student else "does NOT beat (budget exhausted)"
+        verdict = "beats" if self.beats_student else "does NOT beat"
         return (f"projector pre-fit: {self.steps} steps, held-out NLL {self.heldout_nll:.3f} {verdict} "
                 f"the student's {self.student_nll:.3f}")
 
 
 def least_squares_init(projector: LogitProjector, teacher_features: Tensor, student_hidden: Tensor,
                        ridge: float = 0.1) -> None:
-    """Start the projector as the ridge regression of the student's final hidden state on the teacher features.
+    """Start a plain (non-residual) projector as the ridge regression of the student's final hidden state on the
+    standardised teacher features.
 
     Then the projected logits ≈ the student's own logits: the pre-fit starts near the student's NLL instead of from
     ~17 nats, and the cross-entropy steps only have to add what the teacher knows beyond the student.
     """
-    features = teacher_features.double()
-    mean_x, mean_y = features.mean(0), student_hidden.double().mean(0)
-    x, y = features - mean_x, student_hidden.double() - mean_y
-    # Ridge scaled by the features' average energy, so it means the same for hidden states of any norm. It is strong
+    x = projector.standardise(teacher_features).double()
+    y = student_hidden.double()
+    mean_x, mean_y = x.mean(0), y.mean(0)
+    x, y = x - mean_x, y - mean_y
+    # Ridge scaled by the features' average energy, so it means the same for features of any scale. It is strong
     # because pre-fit sets are small: ~900 pairs for 896 features interpolate the training pairs with ridge 1e-3
     # and the held-out NLL was 8.2 (bench/step0_sanity.py, first attempt).
     gram = x.T @ x
@@ -170,21 +245,36 @@ def prefit_projector(
     student_heldout_nll: float,
     max_steps: int = 200,
     lr: float = 1e-3,
+    batch_pairs: int = 512,
     eval_every: int = 10,
+    patience: int = 3,
     chunk_size: int = DEFAULT_CHUNK_ROWS,
+    seed: int = 0,
 ) -> PrefitReport:
     """Fit the projector alone (the student frozen: its embedding is only read, detached) with the cross-entropy
-    anchor, until its held-out NLL beats the student's own or `max_steps` full-batch Adam steps have run."""
+    anchor: Adam on shuffled mini-batches of `batch_pairs` training pairs, the held-out NLL checked every
+    `eval_every` steps; stops after `patience` checks without improvement or `max_steps`, and keeps the best
+    projector seen (pre-fit sets are small and a longer fit overfits them)."""
     optimizer = torch.optim.Adam(projector.parameters(), lr=lr)
-    heldout_nll = heldout.mean_nll(projector, student_output_embedding, chunk_size)
-    steps = 0
-    while heldout_nll >= student_heldout_nll and steps < max_steps:
+    generator = torch.Generator().manual_seed(seed)
+    best_nll = heldout.mean_nll(projector, student_output_embedding, chunk_size)
+    best_state = copy.deepcopy(projector.state_dict())
+    steps = checks_without_gain = 0
+    order = torch.empty(0, dtype=torch.long)
+    while steps < max_steps and checks_without_gain < patience:
         for _ in range(min(eval_every, max_steps - steps)):
+            if order.numel() == 0:
+                order = torch.randperm(len(train), generator=generator)
+            batch, order = order[:batch_pairs], order[batch_pairs:]
             optimizer.zero_grad(set_to_none=True)
-            total, count = anchor_loss(projector, train.teacher_features, student_output_embedding, train.target_ids,
-                                       chunk_size)
-            (total / count.clamp_min(1)).backward()
+            train.rows(batch.to(train.target_ids.device)).anchor(projector, student_output_embedding,
+                                                                 chunk_size).backward()
             optimizer.step()
             steps += 1
-        heldout_nll = heldout.mean_nll(projector, student_output_embedding, chunk_size)
-    return PrefitReport(steps, heldout_nll, student_heldout_nll, heldout_nll < student_heldout_nll)
+        nll = heldout.mean_nll(projector, student_output_embedding, chunk_size)
+        if nll < best_nll:
+            best_nll, best_state, checks_without_gain = nll, copy.deepcopy(projector.state_dict()), 0
+        else:
+            checks_without_gain += 1
+    projector.load_state_dict(best_state)
+    return PrefitReport(steps, best_nll, student_heldout_nll, best_nll < student_heldout_nll)
