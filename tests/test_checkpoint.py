@@ -136,3 +136,18 @@ def test_sigterm_writes_a_complete_emergency_checkpoint_and_exits_nonzero(tmp_pa
     assert loaded.state.step >= 1
     assert loaded.state.windows_consumed == loaded.state.step * config.training.batch_size
     assert "student.model.embed_tokens.weight" in loaded.trainable and loaded.optimizer["state"]
+
+
+def test_resumed_projector_run_keeps_its_fitted_standardisation(tmp_path):
+    """The projector's feature statistics are fitted once before training, not re-fitted on resume: the checkpoint
+    must carry them, or the resumed run would read the teacher's features on another scale."""
+    overrides = ("objective.strategy=projector", "training.max_steps=4", "training.checkpoint_every=2")
+    straight = tiny_config(tmp_path / "straight", *overrides)
+    run_training(straight)
+    checkpoint = tmp_path / "straight" / "run" / "checkpoints" / checkpoint_name(2)
+    stored = load_checkpoint(checkpoint).trainable
+    assert stored["objective.projector.feature_mean"].abs().sum() > 0  # fitted, not the initial zeros
+
+    resumed = tiny_config(tmp_path / "resumed", *overrides, corpus=tmp_path / "straight" / "corpus")
+    run_training(resumed, resume=str(checkpoint))
+    assert _losses(resumed.output.run_dir) == _losses(straight.output.run_dir)[2:]

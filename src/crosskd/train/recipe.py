@@ -92,8 +92,12 @@ def build_scheduler(config: Config, optimizer, total_steps: int):
 
 
 def _trainable_state(student: torch.nn.Module, objective: DistillationObjective) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds of the models: the student's parameters, the objective's trainable parameters and its
+    persistent buffers (statistics fitted before training, such as the projector's feature standardisation)."""
     state = {f"student.{name}": p for name, p in student.named_parameters()}
-    state.update({f"objective.{name}": p for name, p in objective.named_parameters() if p.requires_grad})
+    frozen = {name for name, p in objective.named_parameters() if not p.requires_grad}
+    state.update({f"objective.{name}": tensor for name, tensor in objective.state_dict(keep_vars=True).items()
+                  if name not in frozen})
     return state
 
 
