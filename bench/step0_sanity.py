@@ -34,7 +34,7 @@ from crosskd.vocab.projector import least_squares_init
 from first_token_nll import RESULTS, TOP_K, Pair, WindowPass, load_reference_pair, run_window, text_windows
 
 TEMPERATURES = (1.0, 2.0)  # 2.0 is the default temperature_start of the schedule
-MEASURE_WINDOWS, PREFIT_HELDOUT_WINDOWS, PREFIT_TRAIN_WINDOWS = 4, 4, 16
+MEASURE_WINDOWS, PREFIT_HELDOUT_WINDOWS, PREFIT_TRAIN_WINDOWS = 4, 12, 36  # the trainer: 48 windows, 3/4 fit
 # Pre-fit training text: stdlib files outside the held-out protocol.
 PREFIT_TRAIN_FILES = ("string.py", "bisect.py", "heapq.py", "contextlib.py", "functools.py")
 SEED_FAILURE = 9.4

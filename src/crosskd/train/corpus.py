@@ -20,7 +20,10 @@ from crosskd.data.sources import Document, load_documents, split_documents
 from crosskd.data.windows import DualWindow, dual_windows
 
 EVAL_WINDOWS = 8  # held-out windows for knowledge-retention metrics
-PREPARATION_WINDOWS = 16  # training windows for fitting what must be sane before step 0 (the projector)
+# Training windows for fitting what must be sane before step 0: the projector's pre-fit (about 10,000 aligned pairs
+# on the reference pair; 16 windows were too few to learn anything that held out, docs/VOCAB.md) and the router's
+# hidden-state statistics.
+PREPARATION_WINDOWS = 48
 
 
 def windows_per_step(training: TrainingConfig, num_processes: int) -> int:

@@ -200,7 +200,7 @@ class DistillationObjective(nn.Module):
         The teacher's hidden-state statistics (for the feature terms) are estimated once and stored with the run.
         The projector's feature standardisation is fitted, then the projector is pre-fitted with the student frozen
         (a random plain projector gives a confident random target, ~17 nats of KL at step 0; the residual one starts
-        as the student and must learn what the teacher adds before it teaches anything). The first half of `batches` fits, the second half decides when to stop. A resumed
+        as the student and must learn what the teacher adds before it teaches anything). A resumed
         run reads the statistics back and gets the projector from its checkpoint.
         """
         if self.heads:
@@ -209,15 +209,16 @@ class DistillationObjective(nn.Module):
             else:
                 self.stats = calibration.estimate(
                     ((self._teacher_source.signal(b, hidden_states=True).hidden_states, b.teacher_attention_mask)
-                     for b in batches),
+                     for b in self._calibration_batches(batches)),
                     self._calibration_layers(),
                 )
                 self.stats.save(stats_path)
         if self.projector is None or resuming:
             return
         self.projector.to(device)
-        half = max(1, len(batches) // 2)
-        fit, check = self._prefit_pairs(batches[:half]), self._prefit_pairs(batches[half:] or batches[:half])
+        # Three quarters fit, one quarter decides when to stop (a tiny corpus with one batch uses it for both).
+        split = max(1, (3 * len(batches)) // 4)
+        fit, check = self._prefit_pairs(batches[:split]), self._prefit_pairs(batches[split:] or batches[:split])
         # Statistics from the pairs after window position 0 (the attention sink, see `without_sink`).
         self.projector.fit_standardisation(fit.teacher_features[fit.after_sink] if fit.after_sink.any()
                                            else fit.teacher_features)
@@ -228,6 +229,15 @@ class DistillationObjective(nn.Module):
         self.prefit_report = prefit_projector(self.projector, embedding, train, heldout, check.student_nll,
                                               max_steps=self.config.objective.projector_prefit_steps,
                                               chunk_size=self.chunk_size)
+
+    def _calibration_batches(self, batches: list) -> list:
+        """The first batches holding at least `router.calibration_windows` windows."""
+        wanted, taken = self.config.router.calibration_windows, []
+        for batch in batches:
+            if sum(len(b.student_input_ids) for b in taken) >= wanted:
+                break
+            taken.append(batch)
+        return taken
 
     def _anchor_view(self, pairs: PrefitPairs) -> AnchorData:
         """What the projector reads of the pre-fit pairs: the residual one also takes the student's final state."""
