@@ -116,6 +116,8 @@ METHODS: dict[str, Method] = {
                   "first-token map, generalized JSD β 0.5 (cached)"),
     "projector": Method("C", ("objective.strategy=projector",),
                         "residual logit projector (pre-fitted, anchored), forward KL"),
+    "projector-topk": Method("C", ("objective.strategy=projector", "objective.projector_features=topk_embeddings"),
+                             "residual logit projector reading top-k weighted teacher embeddings"),
     # ULD is a distance of its own: the reference config's divergence must be unset. It reads the teacher's top-k only.
     "uld": Method("C", (*from_cache(), "objective.strategy=uld", "objective.divergence=null"),
                   "ULD (sorted-probability L1, cached)"),

@@ -4,7 +4,9 @@ first-token: forward KL of the student's atoms to the mapped teacher top-k, with
 every pair, student token groups pooled) and 'exclude' (mismatch pairs left out).
 projector: forward KL to the projector's top-k after `prefit_projector` (cross-entropy anchor on training-side stdlib
 text, early-stopped on held-out windows the measurement does not use), residual (the default: a zero-started correction
-to the student's own final state) and plain (the seed's map from the teacher's state alone, least-squares init).
+to the student's own final state) and plain (the seed's map from the teacher's state alone, least-squares init), and
+the residual one reading top-k weighted teacher embeddings instead of the final state (projector_features
+'topk_embeddings').
 uld: crosskd.vocab.uld's distance (L1 between sorted top-k atoms plus the tail gap) on all aligned pairs.
 
     python bench/step0_sanity.py                # writes bench/results/step0.json
@@ -28,8 +30,15 @@ from crosskd.vocab.first_token import (
     push_topk_through_map,
 )
 from crosskd.vocab.uld import uld_per_position
-from crosskd.vocab.projector import AnchorData, LogitProjector, prefit_projector, projected_target, without_sink
-from crosskd.vocab.projector import least_squares_init
+from crosskd.vocab.projector import (
+    AnchorData,
+    LogitProjector,
+    least_squares_init,
+    prefit_projector,
+    projected_target,
+    topk_embedding_features,
+    without_sink,
+)
 
 from first_token_nll import RESULTS, TOP_K, Pair, WindowPass, load_reference_pair, run_window, text_windows
 
@@ -98,42 +107,51 @@ class PrefitSet:
         return AnchorData(features, self.target_ids, self.student_hidden if projector.residual else None)
 
 
-def prefit_set(windows: list[WindowPass]) -> PrefitSet:
+def teacher_features(pair: Pair, w: WindowPass, kind: str) -> torch.Tensor:
+    """What the projector reads at the window's aligned pairs (objective.projector_features `kind`)."""
+    if kind == "final_hidden":
+        return w.teacher_hidden[w.teacher_pos]
+    topk = teacher_topk(w.teacher_logits[w.teacher_pos], TOP_K, pair.teacher_valid_mask)
+    return topk_embedding_features(topk, pair.teacher.get_output_embeddings().weight.detach())
+
+
+def prefit_set(pair: Pair, windows: list[WindowPass], features: str) -> PrefitSet:
     parts = []
     for w in windows:
         true_ids = torch.from_numpy(w.student.ids)[w.student_pos + 1]
         logp = w.student_logits[w.student_pos].log_softmax(-1)
-        parts.append((w.teacher_hidden[w.teacher_pos], w.teacher_pos > 0, true_ids, w.student_hidden[w.student_pos],
-                      -logp.gather(-1, true_ids[:, None]).squeeze(-1)))
+        parts.append((teacher_features(pair, w, features), w.teacher_pos > 0, true_ids,
+                      w.student_hidden[w.student_pos], -logp.gather(-1, true_ids[:, None]).squeeze(-1)))
     return PrefitSet(*(torch.cat(column) for column in zip(*parts)))
 
 
 def projector_step0(pair: Pair, train: list[WindowPass], prefit_heldout: list[WindowPass],
-                    measure_windows: list[WindowPass], residual: bool) -> dict:
+                    measure_windows: list[WindowPass], residual: bool, features: str = "final_hidden") -> dict:
     embedding = pair.student.get_output_embeddings().weight.detach()
-    fit, check = prefit_set(train), prefit_set(prefit_heldout)
+    fit, check = prefit_set(pair, train, features), prefit_set(pair, prefit_heldout, features)
     torch.manual_seed(0)
     projector = LogitProjector(pair.teacher.config.hidden_size, pair.student.config.hidden_size, residual=residual)
     projector.fit_standardisation(fit.teacher_features[fit.after_sink])
-    before_prefit = _projector_kd(projector, embedding, measure_windows)
+    before_prefit = _projector_kd(pair, projector, embedding, measure_windows, features)
     if not residual:
         least_squares_init(projector, fit.anchor(projector).teacher_features, fit.student_hidden)
     started = time.perf_counter()
     report = prefit_projector(projector, embedding, fit.anchor(projector), check.anchor(projector),
                               float(check.student_nll.mean()), max_steps=PREFIT_STEPS)
     return {
-        "kd_by_temperature": _projector_kd(projector, embedding, measure_windows),
+        "kd_by_temperature": _projector_kd(pair, projector, embedding, measure_windows, features),
         "kd_by_temperature_without_prefit": before_prefit,
-        "teacher_final_hidden_norm": float(fit.teacher_features[fit.after_sink].norm(dim=-1).mean()),
+        "teacher_feature_norm": float(fit.teacher_features[fit.after_sink].norm(dim=-1).mean()),
         "prefit": {**report.__dict__, "train_pairs": len(fit.target_ids), "heldout_pairs": len(check.target_ids),
                    "seconds": round(time.perf_counter() - started, 1)},
     }
 
 
-def _projector_kd(projector: LogitProjector, embedding: torch.Tensor, windows: list[WindowPass]) -> dict[float, float]:
+def _projector_kd(pair: Pair, projector: LogitProjector, embedding: torch.Tensor, windows: list[WindowPass],
+                  kind: str) -> dict[float, float]:
     logits, targets = [], []
     for w in windows:
-        features = without_sink(w.teacher_hidden[w.teacher_pos], w.teacher_pos > 0, projector.feature_mean)
+        features = without_sink(teacher_features(pair, w, kind), w.teacher_pos > 0, projector.feature_mean)
         student_hidden = w.student_hidden[w.student_pos] if projector.residual else None
         targets.append(projected_target(projector, features, embedding, TOP_K, student_hidden=student_hidden))
         logits.append(w.student_logits[w.student_pos])
@@ -157,6 +175,8 @@ def main() -> None:
         "first-token-exclude": first_token_step0(pair, measure_windows, "exclude"),
         "projector": projector_step0(pair, train, prefit_heldout, measure_windows, residual=True),
         "projector-plain": projector_step0(pair, train, prefit_heldout, measure_windows, residual=False),
+        "projector-topk-embeddings": projector_step0(pair, train, prefit_heldout, measure_windows, residual=True,
+                                                     features="topk_embeddings"),
         "uld": {"kd_by_temperature": uld_step0(pair, measure_windows)},
         "limit": 2.0,
         "seed_failure": SEED_FAILURE,

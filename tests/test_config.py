@@ -67,6 +67,8 @@ def test_numbers_are_read_as_the_declared_type():
         (["objective.strategy=projector", "objective.mismatch_policy=exclude"], "only to the first-token strategy"),
         (["objective.strategy=uld", "objective.divergence=null", "objective.mismatch_policy=keep"],
          "only to the first-token strategy"),
+        (["objective.projector_features=topk_embeddings"], "applies only to the projector strategy"),
+        (["objective.strategy=projector", "objective.projector_features=topk_embedding"], "did you mean 'topk_embeddings'"),
         (["data.heldout_documents=[]", "data.eval_fraction=0"], "no held-out split"),
         (["router.enabled=true", "router.top_k=5", "router.num_experts=4"], r"router.top_k \(5\)"),
         (["objective.divergence=forward_kld"], "did you mean 'forward_kl'"),

@@ -72,6 +72,10 @@ class ObjectiveConfig:
     # The projector adds a teacher-driven correction to the student's own (detached) final state, starting at zero,
     # instead of rebuilding the student's prediction from the teacher's state alone (docs/VOCAB.md).
     projector_residual: bool = True
+    # What the projector reads of the teacher: `final_hidden` (its last hidden state, the seed's fast path) or
+    # `topk_embeddings` (the teacher's output-embedding rows weighted by its renormalised top-k probabilities: a
+    # summary of its prediction rather than of its state; a cache stores only the top-k for it).
+    projector_features: str = "final_hidden"
     projector_anchor_alpha: float = 1.0
 
 
@@ -171,6 +175,7 @@ class Config:
 STRATEGIES = ("first-token", "projector", "uld")
 DIVERGENCE_NAMES = ("forward_kl", "reverse_kl", "generalized_jsd", "total_variation", "skew_kl")
 MISMATCH_POLICIES = ("exclude", "keep", "merge")
+PROJECTOR_FEATURES = ("final_hidden", "topk_embeddings")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -271,6 +276,7 @@ def validate(config: Config) -> None:
     objective, router, training = config.objective, config.router, config.training
     _choice(objective.strategy, STRATEGIES, "objective.strategy")
     _choice(objective.mismatch_policy, MISMATCH_POLICIES, "objective.mismatch_policy")
+    _choice(objective.projector_features, PROJECTOR_FEATURES, "objective.projector_features")
     _choice(config.models.teacher_dtype, ("float32", "bfloat16", "float16"), "models.teacher_dtype")
     _choice(training.mixed_precision, ("no", "fp16", "bf16"), "training.mixed_precision")
     _choice(config.optimizer.scheduler, ("cosine", "constant"), "optimizer.scheduler")
@@ -287,6 +293,9 @@ def validate(config: Config) -> None:
         raise ConfigError(f"objective.mismatch_policy '{objective.mismatch_policy}' applies only to the first-token "
                           "strategy: the others have no first-token mismatch to keep, merge or exclude; remove "
                           "objective.mismatch_policy")
+    if objective.projector_features != ObjectiveConfig.projector_features and objective.strategy != "projector":
+        raise ConfigError(f"objective.projector_features '{objective.projector_features}' applies only to the "
+                          "projector strategy; remove it or set objective.strategy: projector")
     if objective.kd_top_k < 1:
         raise ConfigError("objective.kd_top_k must be at least 1")
     if config.data.window_tokens < 2:

@@ -40,7 +40,6 @@ from crosskd.teacher.cache_format import (
     rows_per_window,
     run_fingerprint,
     run_layout,
-    stored_signal,
     window_keys,
     write_index,
 )
@@ -77,7 +76,7 @@ def planned_batches(config: Config, corpus, teacher_pad_id: int, budget: Budget)
     """(stage, micro-batch) for every micro-batch whose teacher signal the run reads, in the run's composition: the
     stream cut into `batch_size` windows is exactly what the trainer's processes read, whatever their number."""
     batch_size = config.training.batch_size
-    if stored_signal(config.objective.strategy) == "final_hidden":  # the projector is pre-fitted on these
+    if config.objective.strategy == "projector":  # the projector is pre-fitted on these
         for batch in corpus.preparation_batches(batch_size, "cpu"):
             yield "preparation", batch
     stream = corpus.train_windows(start=0, process_index=0, num_processes=1, batch_size=batch_size)
@@ -309,8 +308,8 @@ class CachedTeacher:
         if location is None:
             raise TeacherCacheError(
                 f"a window of this run is not in the teacher cache {self.cache_dir}: the run reads windows the cache "
-                "was not written for (a longer run, or changed windowing code). Re-run `crosskd cache-teacher` with "
-                "this run's config"
+                "was not written for (a longer run, a projector run on a cache written without its preparation "
+                "windows, or changed windowing code). Re-run `crosskd cache-teacher` with this run's config"
             )
         shard, start, stop = location
         self._prefetch(shard + 1)

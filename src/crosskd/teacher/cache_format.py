@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from crosskd.config import Config
+from crosskd.config import Config, ObjectiveConfig
 from crosskd.data.collate import DualBatch
 from crosskd.data.sources import Document
 from crosskd.losses.target import TopKTarget
@@ -42,9 +42,12 @@ FP16_ABSOLUTE_ROUNDING = 2.0**-25
 FP16_MAX = float(torch.finfo(torch.float16).max)
 
 
-def stored_signal(strategy: str) -> str:
-    """What a strategy reads from the teacher: the projector maps final hidden states, the others the top-k."""
-    return "final_hidden" if strategy == "projector" else "topk"
+def stored_signal(objective: ObjectiveConfig) -> str:
+    """What the objective reads from the teacher: the projector on its default features maps final hidden states,
+    everything else (the projector on top-k embeddings included) the top-k."""
+    if objective.strategy == "projector" and objective.projector_features == "final_hidden":
+        return "final_hidden"
+    return "topk"
 
 
 def cache_dir_of(config: Config) -> Path:
@@ -203,7 +206,8 @@ FINGERPRINT_FIELDS = {
     **{f"data.{key}": f"data.{key}" for key in DATA_KEYS},
     "training.mixed_precision": "training.mixed_precision (the teacher runs under the run's autocast)",
     "objective.kd_top_k": "objective.kd_top_k",
-    "signal": "objective.strategy (projector reads final hidden states, first-token and uld the top-k)",
+    "signal": "objective.strategy and objective.projector_features (the projector on final_hidden reads final hidden "
+              "states, everything else the top-k)",
 }
 
 
@@ -221,13 +225,13 @@ def run_fingerprint(config: Config, teacher, student_tokenizer, documents: list[
         **{f"data.{key}": getattr(config.data, key) for key in DATA_KEYS},
         "training.mixed_precision": config.training.mixed_precision,
         "objective.kd_top_k": config.objective.kd_top_k,
-        "signal": stored_signal(config.objective.strategy),
+        "signal": stored_signal(config.objective),
         "strategy": config.objective.strategy,  # informative only: first-token and uld read the same top-k
     }
 
 
 def run_layout(config: Config, teacher) -> CacheLayout:
-    return CacheLayout(signal=stored_signal(config.objective.strategy), top_k=config.objective.kd_top_k,
+    return CacheLayout(signal=stored_signal(config.objective), top_k=config.objective.kd_top_k,
                        teacher_logit_size=teacher.vocab.logit_size,
                        hidden_size=teacher.model.config.hidden_size)
 

@@ -39,6 +39,7 @@ from crosskd.vocab.projector import (
     least_squares_init,
     prefit_projector,
     projected_target,
+    topk_embedding_features,
     without_sink,
 )
 from crosskd.vocab.uld import chunked_lm_and_uld
@@ -131,6 +132,9 @@ class DistillationObjective(nn.Module):
             self.projector = LogitProjector(teacher.model.config.hidden_size, student.model.config.hidden_size,
                                             residual=objective.projector_residual)
             self.anchor_alpha = objective.projector_anchor_alpha
+            self.projector_features = objective.projector_features
+            # Frozen and not ours: a list keeps it out of the module's parameters and checkpoints.
+            self._teacher_embedding = [teacher.model.get_output_embeddings().weight]
         self._build_feature_heads(config, teacher.model, student.model)
         self.last_raw: dict[str, float] = {}
         self.prefit_report = None
@@ -255,16 +259,23 @@ class DistillationObjective(nn.Module):
             next_ids = batch.student_targets[batch.pair_batch, batch.pair_student_pos]
             logits = model.get_output_embeddings()(rows).float()
             nll.append(torch.nn.functional.cross_entropy(logits, next_ids, reduction="none"))
-            features.append(signal.final_hidden.float())
+            features.append(self._teacher_features(signal))
             targets.append(next_ids)
             hidden_rows.append(rows.float())
             after_sink.append(batch.pair_teacher_pos > 0)
         return PrefitPairs(*(torch.cat(parts) for parts in (features, after_sink, targets, hidden_rows)),
                            torch.cat(nll).mean().item())
 
+    def _teacher_features(self, signal: TeacherSignal, rows: Tensor | slice = slice(None)) -> Tensor:
+        """What the projector reads of the teacher at the selected pairs (`objective.projector_features`), float32."""
+        if self.projector_features == "final_hidden":
+            return signal.final_hidden[rows].float()
+        return topk_embedding_features(signal.topk.select(rows), self._teacher_embedding[0])
+
     def _projector_features(self, signal: TeacherSignal, batch, mask: Tensor) -> Tensor:
-        """The teacher's final hidden state at the selected pairs, window position 0 at the fitted mean."""
-        return without_sink(signal.final_hidden[mask], (batch.pair_teacher_pos > 0)[mask], self.projector.feature_mean)
+        """The projector's teacher features at the selected pairs, window position 0 at the fitted mean."""
+        return without_sink(self._teacher_features(signal, mask), (batch.pair_teacher_pos > 0)[mask],
+                            self.projector.feature_mean)
 
     def diagnostics(self) -> dict[str, float]:
         """Router health for the logs (each expert's token share, gate entropy, each group's error) and an MoE

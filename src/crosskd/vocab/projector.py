@@ -4,9 +4,10 @@
         (+ the student's own final hidden state, DETACHED, in the default residual form)
         --(student output embedding, DETACHED)--> [P, V_s]
 
-Teacher features are either the teacher's final hidden state at the aligned position (the fast path) or the
-teacher's top-k probabilities times its output-embedding rows, computed with `embedding_bag` so the dense
-[positions x 151,936] probability matrix never exists. Why each safeguard is there (docs/VOCAB.md):
+Teacher features (`objective.projector_features`) are either the teacher's final hidden state at the aligned
+position (`final_hidden`, the fast path) or the teacher's renormalised top-k probabilities times its output-embedding
+rows (`topk_embeddings`), computed with `embedding_bag` so the dense [positions x 151,936] probability matrix never
+exists. Why each safeguard is there (docs/VOCAB.md):
 
 - residual form (default): the map adds a teacher-driven correction to the student's own detached final state and
   starts at zero, so the target starts as the student's own distribution (step-0 KD 0) and the pre-fit only has to
@@ -101,6 +102,17 @@ def teacher_features_from_topk(topk_ids: Tensor, topk_probs: Tensor, teacher_emb
     """
     return F.embedding_bag(topk_ids, teacher_embedding, per_sample_weights=topk_probs.to(teacher_embedding.dtype),
                            mode="sum")
+
+
+def topk_embedding_features(topk: TopKTarget, teacher_embedding: Tensor) -> Tensor:
+    """The `topk_embeddings` projector input: teacher embeddings weighted by the top-k renormalised, float32 [P, D_t].
+
+    Renormalised because the tail atom stands for many tokens and has no embedding of its own.
+    """
+    weights = torch.softmax(topk.logp.float(), dim=-1)
+    device = teacher_embedding.device
+    return teacher_features_from_topk(topk.ids.to(device), weights.to(device), teacher_embedding).float().to(
+        topk.logp.device)
 
 
 def _rows(student_hidden: Tensor | None, rows: slice) -> Tensor | None:
