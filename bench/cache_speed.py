@@ -10,7 +10,7 @@ initialisation) and the median of the rest reported (cache and lm_only: pooled o
 
 A k=64 cache of the same run is written too, for its size. The held-out BPB cost of k=64 needs full quality runs and
 is left to the quality benchmark (bench/quality.py). The machine is shared: load averages are recorded around every
-run, and the figures are contended when they exceed the core count.
+run, and the figures are contended when they exceed the core count by more than `CONTENTION_MARGIN`.
 
     python bench/cache_speed.py            # 10-20 minutes on 2 cores; writes bench/results/cache_speed.json
 """
@@ -37,6 +37,11 @@ RESULTS = REPO / "bench" / "results" / "cache_speed.json"
 STEPS = 6
 # Short held-out text: the trainer's before/after BPB evaluation is not what is measured here.
 COMMON = [f"training.max_steps={STEPS}", "training.log_every=1", "data.eval_max_chars=2000", "output.tensorboard=false"]
+
+
+# This benchmark's own threads keep the load average at about the core count (1.8-2.2 measured here alone on 2
+# cores); another job on the machine shows as a load well above it (4-6 when it was contended).
+CONTENTION_MARGIN = 0.5
 
 
 def load_averages() -> list[float]:
@@ -105,7 +110,8 @@ def main() -> None:
                 "same run",
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "contended": any(max(measured["load_average_before"] + measured["load_average_after"])
-                                     > os.cpu_count() for run in runs.values() for measured in run["rounds"])},
+                                     > os.cpu_count() + CONTENTION_MARGIN
+                                     for run in runs.values() for measured in run["rounds"])},
         "runs": runs,
         "ratio_to_lm_only": {name: round(run["median_step_seconds"] / lm_only, 3) for name, run in runs.items()},
         "caches": caches,
