@@ -394,7 +394,7 @@ def plot(results: dict[str, dict], path: Path = PLOT_PATH) -> None:
     trained = {m: r for m, r in results.items() if m != TEACHER}
     order = sorted(trained, key=lambda m: trained[m]["bpb_final"])
     colours = {"A": "tab:gray", "B": "tab:orange", "C": "tab:blue"}
-    figure, axes = plt.subplots(figsize=(8, 4.2))
+    figure, axes = plt.subplots(figsize=(10, 4.6))
     bars = axes.bar(order, [trained[m]["bpb_final"] for m in order], width=0.6,
                     color=[colours.get(trained[m]["group"], "tab:blue") for m in order])
     axes.bar_label(bars, fmt="%.3f", fontsize=8)
@@ -403,7 +403,9 @@ def plot(results: dict[str, dict], path: Path = PLOT_PATH) -> None:
     for value, label, style in ((before, "student before training", ":"), (teacher, "teacher", "--")):
         if value is not None:
             axes.axhline(value, linestyle=style, color="black", linewidth=1)
-            axes.text(len(order) - 0.5, value, f" {label} {value:.3f}", va="bottom", ha="right", fontsize=8)
+            # At the left, above the best (lowest) bars, so the label never covers a bar's value.
+            axes.text(-0.5, value, f" {label} {value:.3f}", va="bottom", ha="left", fontsize=8,
+                      bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
     low = min([r["bpb_final"] for r in results.values()]) - 0.02
     axes.set_ylim(low, (before or max(r["bpb_final"] for r in trained.values())) + 0.02)
     axes.set_ylabel("held-out bits per byte (lower is better)")
