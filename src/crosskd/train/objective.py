@@ -80,11 +80,19 @@ def schedule_settings(config: Config) -> ScheduleSettings:
 class PrefitPairs:
     """The aligned pairs of the projector's pre-fit batches."""
 
-    teacher_features: Tensor  # [P, D_t] the teacher's final hidden state
+    teacher_features: Tensor  # [P, D_t] what the projector reads of the teacher (`_teacher_features`)
     after_sink: Tensor  # bool [P] the teacher position is not window position 0
     target_ids: Tensor  # [P] the true next student token
     student_hidden: Tensor  # [P, D_s] the student's final hidden state
     student_nll: float  # the frozen student's own mean NLL of the true next tokens
+
+
+@dataclass(frozen=True)
+class ProjectorInputs:
+    """What the projector reads at a micro-batch's KD pairs, computed once for both its KD target and its anchor."""
+
+    teacher_features: Tensor  # [P, D_t] window position 0 at the fitted mean
+    student_rows: Tensor | None  # [P, D_s] the student's final hidden state (the residual projector only)
 
 
 class DistillationObjective(nn.Module):
@@ -236,11 +244,12 @@ class DistillationObjective(nn.Module):
 
     def _calibration_batches(self, batches: list) -> list:
         """The first batches holding at least `router.calibration_windows` windows."""
-        wanted, taken = self.config.router.calibration_windows, []
+        wanted, taken, windows = self.config.router.calibration_windows, [], 0
         for batch in batches:
-            if sum(len(b.student_input_ids) for b in taken) >= wanted:
+            if windows >= wanted:
                 break
             taken.append(batch)
+            windows += len(batch.student_input_ids)
         return taken
 
     def _anchor_view(self, pairs: PrefitPairs) -> AnchorData:
@@ -272,10 +281,11 @@ class DistillationObjective(nn.Module):
             return signal.final_hidden[rows].float()
         return topk_embedding_features(signal.topk.select(rows), self._teacher_embedding[0])
 
-    def _projector_features(self, signal: TeacherSignal, batch, mask: Tensor) -> Tensor:
-        """The projector's teacher features at the selected pairs, window position 0 at the fitted mean."""
-        return without_sink(self._teacher_features(signal, mask), (batch.pair_teacher_pos > 0)[mask],
-                            self.projector.feature_mean)
+    def _projector_inputs(self, signal: TeacherSignal, batch, mask: Tensor, student_rows: Tensor) -> ProjectorInputs:
+        """The projector's inputs at the selected pairs; `student_rows` is the student's final state there."""
+        features = without_sink(self._teacher_features(signal, mask), (batch.pair_teacher_pos > 0)[mask],
+                                self.projector.feature_mean)
+        return ProjectorInputs(features, student_rows if self.projector.residual else None)
 
     def diagnostics(self) -> dict[str, float]:
         """Router health for the logs (each expert's token share, gate entropy, each group's error) and an MoE
@@ -352,20 +362,23 @@ class DistillationObjective(nn.Module):
         hidden = outputs.hidden_states[-1]
         kd_mask = self.kd_pair_mask(batch)
         kd_rows = (batch.pair_batch * hidden.shape[1] + batch.pair_student_pos)[kd_mask]
-        sums = self._lm_and_kd(hidden.reshape(-1, hidden.shape[-1]), student_model, batch, kd_rows,
-                               signal, kd_mask, temperature)
+        flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+        # The projector's KD pairs are every aligned pair (only first-token's `exclude` masks any), so its KD target
+        # and its anchor read the same inputs.
+        projector_inputs = (self._projector_inputs(signal, batch, kd_mask, flat_hidden[kd_rows])
+                            if self.projector is not None else None)
+        sums = self._lm_and_kd(flat_hidden, student_model, batch, kd_rows, signal, kd_mask, temperature,
+                               projector_inputs)
         terms = {
             "lm": Term(sums.lm_sum, PER_TOKEN, count_key="lm", weight_key="lm"),
             "kd": Term(sums.kd_sum, PER_TOKEN, count_key="kd", weight_key="kd"),
         }
         if self.projector is not None:
             # The anchor keeps the projector a good predictor of the true next student token while the student moves.
-            every_pair = torch.ones_like(batch.pair_batch, dtype=torch.bool)
-            next_ids = batch.student_targets[batch.pair_batch, batch.pair_student_pos]
-            student_rows = hidden[batch.pair_batch, batch.pair_student_pos] if self.projector.residual else None
-            anchor_sum, _ = anchor_loss(self.projector, self._projector_features(signal, batch, every_pair),
+            next_ids = batch.student_targets.reshape(-1)[kd_rows]
+            anchor_sum, _ = anchor_loss(self.projector, projector_inputs.teacher_features,
                                         student_model.get_output_embeddings().weight, next_ids, self.chunk_size,
-                                        student_rows)
+                                        projector_inputs.student_rows)
             terms["anchor"] = Term(anchor_sum, PER_TOKEN, count_key="kd", weight_key="anchor")
         if self.uses_hidden_states:
             terms.update(self._feature_terms(outputs, signal, batch, weights, attentions))
@@ -405,29 +418,31 @@ class DistillationObjective(nn.Module):
             terms["attention"] = Term(matched.sum, PER_TOKEN, count_key="features")
         return terms
 
-    def _lm_and_kd(self, hidden, student_model, batch, kd_rows, signal: TeacherSignal, kd_mask, temperature) -> LossSums:
+    def _lm_and_kd(self, hidden, student_model, batch, kd_rows, signal: TeacherSignal, kd_mask, temperature,
+                   projector_inputs: ProjectorInputs | None) -> LossSums:
         head_weight = student_model.get_output_embeddings().weight
         lm_targets = batch.student_targets.reshape(-1)
         if self.strategy == "uld":
             return chunked_lm_and_uld(hidden, head_weight, lm_targets, kd_rows, signal.topk.select(kd_mask),
                                       temperature, chunk_size=self.chunk_size)
-        target = self._mapped_teacher(signal, batch, kd_mask, hidden[kd_rows])
-        return chunked_lm_and_kd(hidden, head_weight, lm_targets, kd_rows, target, temperature, self.divergence, chunk_size=self.chunk_size,
-                                 scale_by_t2=self.scale_by_t2, student_groups=self._groups_on(hidden.device))
+        return chunked_lm_and_kd(hidden, head_weight, lm_targets, kd_rows,
+                                 self._mapped_teacher(signal, kd_mask, projector_inputs), temperature, self.divergence,
+                                 chunk_size=self.chunk_size, scale_by_t2=self.scale_by_t2,
+                                 student_groups=self._groups_on(hidden.device))
 
     def _groups_on(self, device) -> StudentGroups | None:
         if self.student_groups is not None and self.student_groups.members.device != device:
             self.student_groups = self.student_groups.to(device)
         return self.student_groups
 
-    def _mapped_teacher(self, signal: TeacherSignal, batch, kd_mask: Tensor, student_rows: Tensor) -> MappedTarget:
+    def _mapped_teacher(self, signal: TeacherSignal, kd_mask: Tensor,
+                        projector_inputs: ProjectorInputs | None) -> MappedTarget:
         """The teacher's distribution on the student's vocabulary at the KD pairs (detached: a target).
-        `student_rows`: the student's final hidden state at those pairs (the residual projector reads it)."""
+        `projector_inputs`: the projector's inputs at those pairs (the projector strategy only)."""
         if self.strategy == "projector":
             embedding = self._student[0].model.get_output_embeddings().weight
-            return projected_target(self.projector, self._projector_features(signal, batch, kd_mask), embedding,
-                                    self.top_k, self.chunk_size,
-                                    student_rows if self.projector.residual else None)
+            return projected_target(self.projector, projector_inputs.teacher_features, embedding, self.top_k,
+                                    self.chunk_size, projector_inputs.student_rows)
         return push_topk_through_map(signal.topk.select(kd_mask), self.teacher_to_student)
 
     def combine(self, terms: dict[str, Term], counts: dict[str, Tensor], weights: dict[str, float],
@@ -481,7 +496,9 @@ class DistillationObjective(nn.Module):
         kd_mask = self.kd_pair_mask(batch)
         hidden = self._student_outputs(batch).hidden_states[-1]
         rows = hidden[batch.pair_batch[kd_mask], batch.pair_student_pos[kd_mask]]
-        target = self._mapped_teacher(signal, batch, kd_mask, rows)
+        projector_inputs = (self._projector_inputs(signal, batch, kd_mask, rows) if self.projector is not None
+                            else None)
+        target = self._mapped_teacher(signal, kd_mask, projector_inputs)
         logits = student_model.get_output_embeddings()(rows).float()
         groups = self._groups_on(logits.device)
         student_logp, teacher_logp = support_atoms(logits, target, temperature=1.0, groups=groups)
