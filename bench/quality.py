@@ -108,6 +108,8 @@ METHODS: dict[str, Method] = {
     "first-token-exclude": Method("C", (*from_cache(), *EXCLUDE), "first-token, run-past pairs excluded (cached)"),
     "first-token-kd-only": Method("C", (*from_cache(), *EXCLUDE, *NO_KD_WARMUP, "objective.lm_alpha=0"),
                                   "first-token, run-past pairs excluded, no LM term, no KD warm-up (cached)"),
+    "first-token-kd-only-merge": Method("C", (*from_cache(), *NO_KD_WARMUP, "objective.lm_alpha=0"),
+                                        "crosskd default's target (merge), no LM term, no KD warm-up (cached)"),
     "first-token-kd3": Method("C", (*from_cache(), *NO_KD_WARMUP, "objective.kd_alpha=3"),
                               "crosskd default with KD weight 3 from step 0 (cached)"),
     "first-token-rkl": Method("C", (*from_cache(), "objective.divergence=reverse_kl"),
@@ -133,6 +135,25 @@ METHODS: dict[str, Method] = {
                                  "crosskd default at lr 1e-4 (off-protocol, cached)", off_protocol=True),
     TEACHER: Method("D", (), "the teacher, evaluated only"),
 }
+SWEEP_LEARNING_RATES = ("2e-5", "5e-5", "1e-4", "2e-4")
+
+
+def learning_rate_sweep() -> dict[str, Method]:
+    """Off the protocol: does KD take a larger step than LM-only can? Each learning rate with the protocol's 6
+    warm-up steps, then cosine decay to 0 at the last step, for LM-only and for the default (from the cache)."""
+    methods = {}
+    for lr in SWEEP_LEARNING_RATES:
+        cosine = (f"optimizer.lr={lr}", "optimizer.scheduler=cosine")
+        methods[f"lm-only-cosine-lr{lr}"] = Method("A", ("objective.kd_alpha=0", *cosine),
+                                                   f"LM-only at lr {lr}, cosine decay (off-protocol)",
+                                                   off_protocol=True)
+        methods[f"first-token-cosine-lr{lr}"] = Method("C", (*from_cache(), *cosine),
+                                                       f"crosskd default at lr {lr}, cosine decay (off-protocol, "
+                                                       "cached)", off_protocol=True)
+    return methods
+
+
+METHODS.update(learning_rate_sweep())
 DEFAULT_ORDER = (LM_ONLY, "first-token", "uld", "projector", "router", "router-dense", "first-token-rkl", "jsd",
                  TEACHER)
 
