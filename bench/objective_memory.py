@@ -80,7 +80,7 @@ def objective(case: str, x: dict, token_map: torch.Tensor, projector: LogitProje
         mapped = torch.zeros(POSITIONS, STUDENT_VOCAB).index_add_(1, token_map.clamp_min(0),
                                                                   teacher_p * (token_map >= 0))
         return (mapped * (mapped.clamp_min(1e-30).log() - student_logp)).sum()
-    if case == "naive-dense-projector":  # the seed: full teacher probabilities times the embedding matrix
+    if case == "naive-dense-projector":  # dense baseline: full teacher probabilities times the embedding matrix
         teacher_p = x["teacher_logits"].masked_fill(~x["valid"], float("-inf")).softmax(-1)
         target_logp = (projector(teacher_p @ x["teacher_embedding"]) @ embedding.T).log_softmax(-1)
         return (target_logp.exp() * (target_logp - student_logp)).sum()
@@ -91,7 +91,7 @@ def run_case(case: str) -> dict:
     torch.set_num_threads(1)  # the CPU is shared; one thread keeps timings comparable between cases
     x = inputs()
     token_map = reference_first_token_map(x["valid"])
-    projector = LogitProjector(TEACHER_DIM, STUDENT_DIM, residual=case == "projector")  # the seed's map is plain
+    projector = LogitProjector(TEACHER_DIM, STUDENT_DIM, residual=case == "projector")  # the dense baseline's map is plain
     objective(case, x, token_map, projector).backward()  # warm-up
     x["student_hidden"].grad = None
     baseline = psutil.Process().memory_info().rss

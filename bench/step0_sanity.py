@@ -4,7 +4,7 @@ first-token: forward KL of the student's atoms to the mapped teacher top-k, with
 every pair, student token groups pooled) and 'exclude' (mismatch pairs left out).
 projector: forward KL to the projector's top-k after `prefit_projector` (cross-entropy anchor on training-side stdlib
 text, early-stopped on held-out windows the measurement does not use), residual (the default: a zero-started correction
-to the student's own final state) and plain (the seed's map from the teacher's state alone, least-squares init), and
+to the student's own final state) and plain (the map from the teacher's state alone, least-squares init), and
 the residual one reading top-k weighted teacher embeddings instead of the final state (projector_features
 'topk_embeddings').
 uld: crosskd.vocab.uld's distance (L1 between sorted top-k atoms plus the tail gap) on all aligned pairs.

@@ -20,7 +20,7 @@ import torch
 
 from crosskd.config import load_config
 from crosskd.models.loading import load_model
-from crosskd.train.corpus import TrainingCorpus
+from crosskd.data.corpus import TrainingCorpus
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENS, WINDOW = 2048, 512

@@ -52,7 +52,7 @@ def test_the_trainers_first_windows_are_the_benchmark_protocols():
 
     from crosskd.data.windows import protocol_train_windows, window_ids_sha256
     from crosskd.models.loading import load_tokenizer
-    from crosskd.train.corpus import TrainingCorpus
+    from crosskd.data.corpus import TrainingCorpus
 
     ensure_reference_models(check_bpb=False)
     config = load_config("configs/reference.yaml")

@@ -19,7 +19,7 @@ from crosskd.models.loading import load_model
 from crosskd.teacher.cache import TeacherCacheError, open_teacher_cache, planned_batches, write_teacher_cache
 from crosskd.teacher.cache_format import FP16_ABSOLUTE_ROUNDING, FP16_RELATIVE_ROUNDING, CacheLayout, read_index
 from crosskd.teacher.online import OnlineTeacher, TeacherSignal
-from crosskd.train.corpus import TrainingCorpus
+from crosskd.data.corpus import TrainingCorpus
 from trainer_helpers import log_records, run_training, tiny_config, write_corpus, write_single_window_corpus
 
 STEPS = 3

@@ -15,11 +15,11 @@ from crosskd.config import load_config
 from crosskd.data.collate import collate_windows
 from crosskd.evaluate import bits_per_byte
 from crosskd.models.loading import load_model
-from crosskd.schedules import loss_weights, temperature
+from crosskd.schedules import loss_weights, schedule_settings, temperature
 from crosskd.train.checkpoint import checkpoint_name, list_checkpoints, load_checkpoint
-from crosskd.train.corpus import TrainingCorpus
+from crosskd.data.corpus import TrainingCorpus
 from crosskd.train.logbook import check_sum
-from crosskd.train.objective import DistillationObjective, schedule_settings
+from crosskd.train.objective import DistillationObjective
 from crosskd.train.recipe import TrainingStopped
 from trainer_helpers import (
     inject_nan_loss,

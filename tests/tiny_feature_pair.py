@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
 from crosskd.losses.features import AlignedPairs, SummedLoss
-from crosskd.teacher.calibration import HiddenStateStats, estimate
+from crosskd.losses.calibration import HiddenStateStats, estimate
 
 STUDENT_HIDDEN, STUDENT_LAYERS, STUDENT_VOCAB, STUDENT_LEN = 32, 4, 100, 12
 TEACHER_HIDDEN, TEACHER_LAYERS, TEACHER_VOCAB, TEACHER_LEN = 48, 3, 120, 10

@@ -1,4 +1,5 @@
-"""Batches of dual windows as torch tensors, with the flat aligned-pair tensors of docs/TEAM-CONTRACT.md."""
+"""Batches of dual windows as torch tensors, with the flat aligned-pair tensors (docs/ARCHITECTURE.md, "The contracts
+between stages")."""
 
 from __future__ import annotations
 

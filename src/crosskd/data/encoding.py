@@ -46,7 +46,7 @@ def require_fast_tokenizer(tokenizer, role: str = "tokenizer") -> None:
 
 
 @lru_cache(maxsize=1)
-def _gpt2_unicode_to_byte() -> dict[str, int]:
+def gpt2_unicode_to_byte() -> dict[str, int]:
     """Inverse of GPT-2's bytes_to_unicode: byte-level BPE writes byte b as a printable character."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))
@@ -74,7 +74,7 @@ def _uses_metaspace(pipeline: dict[str, str]) -> bool:
 
 
 def _byte_level_token_bytes(token: str) -> bytes | None:
-    table = _gpt2_unicode_to_byte()
+    table = gpt2_unicode_to_byte()
     if not all(ch in table for ch in token):
         return None  # not reachable from text: the byte-level pre-tokenizer only ever produces table characters
     return bytes(table[ch] for ch in token)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from crosskd.losses.features import AlignedPairs, SummedLoss, standardised_teacher_target, student_features
-from crosskd.teacher.calibration import HiddenStateStats
+from crosskd.losses.calibration import HiddenStateStats
 
 
 class ContrastiveMatcher(nn.Module):

@@ -2,11 +2,11 @@
 
 Conventions every term follows:
 
-* Aligned positions arrive as the flat pair tensors of docs/TEAM-CONTRACT.md (``AlignedPairs``).
+* Aligned positions arrive as the flat pair tensors of docs/ARCHITECTURE.md ("The contracts between stages") (``AlignedPairs``).
 * Window position 0 is left out (``AlignedPairs.without_window_start``): it is the attention sink. There, two of
   Qwen's 896 channels carry 98% of the hidden-state energy and key 0 takes 20-68% of head-averaged attention, so a
   term that kept it would mostly fit that one outlier position.
-* Teacher targets are standardised per channel with calibration statistics (``crosskd.teacher.calibration``) and
+* Teacher targets are standardised per channel with calibration statistics (``crosskd.losses.calibration``) and
   never carry gradient.
 * A term returns ``SummedLoss(sum, count)``: the loss summed over aligned positions and the number of positions, so
   the trainer can divide by the count of the whole accumulated batch.
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from crosskd.teacher.calibration import HiddenStateStats
+    from crosskd.losses.calibration import HiddenStateStats
 
 
 class AlignedPairs(NamedTuple):

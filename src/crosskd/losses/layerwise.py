@@ -26,7 +26,7 @@ from crosskd.losses.features import (
     standardised_teacher_target,
     student_features,
 )
-from crosskd.teacher.calibration import HiddenStateStats
+from crosskd.losses.calibration import HiddenStateStats
 
 
 def mapped_teacher_layer(student_layer: int, num_student_layers: int, num_teacher_layers: int) -> int:

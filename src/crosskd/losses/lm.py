@@ -20,11 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from crosskd.data.collate import IGNORE_INDEX
 from crosskd.losses.chunking import DEFAULT_CHUNK_ROWS, chunk_slices, upcast
 from crosskd.losses.divergences import Divergence, get_divergence
 from crosskd.losses.target import MappedTarget, StudentGroups, support_atoms
-
-IGNORE_INDEX = -100
 
 #: (student log-probabilities of some positions [p, V] float32, the target at those positions) -> (sum, count).
 KDLossSum = Callable[[Tensor, Any], tuple[Tensor, int]]

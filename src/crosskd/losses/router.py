@@ -27,7 +27,7 @@ from crosskd.losses.features import (
     standardised_teacher_target,
     student_features,
 )
-from crosskd.teacher.calibration import HiddenStateStats
+from crosskd.losses.calibration import HiddenStateStats
 
 
 def teacher_layer_groups(num_teacher_layers: int, num_groups: int) -> tuple[tuple[int, ...], ...]:

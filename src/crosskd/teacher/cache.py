@@ -44,8 +44,8 @@ from crosskd.teacher.cache_format import (
     write_index,
 )
 from crosskd.teacher.online import OnlineTeacher, TeacherSignal
-from crosskd.train.corpus import TrainingCorpus, windows_per_step
-from crosskd.train.precision import MixedPrecision
+from crosskd.data.corpus import TrainingCorpus, windows_per_step
+from crosskd.models.precision import MixedPrecision
 
 DEFAULT_SHARD_MEGABYTES = 64
 WINDOW_BYTES = KEY_BYTES + 8  # a window's key and its row offset

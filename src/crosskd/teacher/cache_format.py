@@ -28,7 +28,7 @@ from crosskd.data.collate import DualBatch
 from crosskd.data.sources import Document
 from crosskd.losses.target import TopKTarget
 from crosskd.teacher.online import TeacherSignal
-from crosskd.vocab.first_token import tokenizer_hash
+from crosskd.models.fingerprints import documents_hash, tokenizer_hash, valid_ids_hash, weights_hash
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
@@ -173,26 +173,6 @@ class CacheLayout:
 # The fingerprint: what must be equal for a cache to serve a run exactly
 
 
-def weights_hash(model: torch.nn.Module) -> str:
-    """A cheap but identifying hash of a model: every tensor's name, shape and dtype, and 4096 values sampled across
-    it (a fine-tuned or re-quantised model differs in nearly every value, so a strided sample finds it)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        flat = tensor.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)][:4096].float().cpu()
-        digest.update(f"{name}:{list(tensor.shape)}:{tensor.dtype}\n".encode())
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()
-
-
-def documents_hash(documents: list[Document]) -> str:
-    digest = hashlib.sha256()
-    for document in sorted(documents, key=lambda d: d.name):
-        digest.update(f"{len(document.name)}:{document.name}:{len(document.text)}:".encode())
-        digest.update(document.text.encode("utf-8", errors="surrogatepass"))
-    return digest.hexdigest()
-
-
 DATA_KEYS = ("source", "text_field", "window_tokens", "heldout_documents", "eval_fraction", "eval_max_chars", "seed")
 # Fingerprint fields that must be equal, each with what changes it. Fields named like config keys are those keys.
 FINGERPRINT_FIELDS = {
@@ -219,7 +199,7 @@ def run_fingerprint(config: Config, teacher, student_tokenizer, documents: list[
         "teacher_weights": weights_hash(teacher.model),
         "models.teacher_dtype": config.models.teacher_dtype,
         "teacher_tokenizer": tokenizer_hash(teacher.tokenizer),
-        "teacher_valid_ids": hashlib.sha256(teacher.vocab.valid_mask.numpy().tobytes()).hexdigest(),
+        "teacher_valid_ids": valid_ids_hash(teacher.vocab.valid_mask),
         "student_tokenizer": tokenizer_hash(student_tokenizer),
         "corpus_text": documents_hash(documents),
         **{f"data.{key}": getattr(config.data, key) for key in DATA_KEYS},

@@ -52,9 +52,8 @@ class OnlineTeacher:
             teacher_topk(head(final[rows]).float(), self.top_k, valid_mask)
             for rows in chunk_slices(final.shape[0], self.chunk_size)
         ]
-        ids, logp, tail_logmass = (torch.cat(part) for part in zip(*((c.ids, c.logp, c.tail_logmass) for c in chunks)))
         return TeacherSignal(
-            topk=TopKTarget(ids, logp, tail_logmass),
+            topk=TopKTarget.concatenate(chunks),
             final_hidden=final,
             hidden_states=outputs.hidden_states if hidden_states else None,
             attentions=outputs.attentions if attentions else None,

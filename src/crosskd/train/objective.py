@@ -23,7 +23,7 @@ from crosskd.losses.lm import LossSums, chunked_cross_entropy, chunked_lm_and_kd
 from crosskd.losses.target import MappedTarget, StudentGroups, support_atoms
 from crosskd.losses.router import DenseGroupMatcher, StudentAwareRouter, default_student_layer
 from crosskd.schedules import ScheduleSettings
-from crosskd.teacher import calibration
+from crosskd.losses import calibration
 from crosskd.teacher.cache import open_teacher_cache
 from crosskd.teacher.online import OnlineTeacher, TeacherSignal
 from crosskd.vocab.first_token import (
@@ -54,26 +54,6 @@ class Term:
     kind: str
     count_key: str | None = None  # which position count normalises it
     weight_key: str | None = None  # which schedule weight multiplies it (None: 1)
-
-
-def schedule_settings(config: Config) -> ScheduleSettings:
-    """The schedule of this run: config values, with terms that are switched off at weight 0."""
-    router = config.router
-    on = router.enabled
-    return ScheduleSettings(
-        kd_alpha=config.objective.kd_alpha,
-        kd_warmup_start=config.schedule.kd_warmup_start,
-        kd_warmup_end_progress=config.schedule.kd_warmup_end_progress,
-        temperature_start=config.schedule.temperature_start,
-        temperature_end=config.schedule.temperature_end,
-        use_curriculum=config.schedule.use_curriculum,
-        feature_alpha=router.feature_alpha if on else 0.0,
-        attention_alpha=router.attention_alpha if on else 0.0,
-        layerwise_alpha=router.layerwise_alpha if on else 0.0,
-        contrastive_alpha=router.contrastive_alpha if on else 0.0,
-        load_balance_alpha=router.load_balance_alpha if on else 0.0,
-        importance_alpha=router.importance_alpha if on else 0.0,
-    )
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from crosskd.config import Config, load_config
 from crosskd.data.collate import collate_windows
 from crosskd.evaluate import bits_per_byte
 from crosskd.models.loading import load_model
-from crosskd.schedules import loss_weights, temperature
+from crosskd.schedules import loss_weights, schedule_settings, temperature
 from crosskd.train.checkpoint import (
     TrainingState,
     checkpoint_name,
@@ -39,10 +39,10 @@ from crosskd.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from crosskd.train.corpus import TrainingCorpus, windows_per_step
+from crosskd.data.corpus import TrainingCorpus, windows_per_step
 from crosskd.train.logbook import Logbook, check_sum, format_step_line
-from crosskd.train.objective import DistillationObjective, schedule_settings
-from crosskd.train.precision import MixedPrecision
+from crosskd.train.objective import DistillationObjective
+from crosskd.models.precision import MixedPrecision
 
 
 class TrainingStopped(RuntimeError):

@@ -22,10 +22,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from crosskd.data.encoding import _gpt2_unicode_to_byte, token_bytes_table
+from crosskd.data.encoding import gpt2_unicode_to_byte, token_bytes_table
 from crosskd.losses.chunking import upcast
 from crosskd.losses.target import MappedTarget, StudentGroups, TopKTarget, logsumexp_or_neginf
 from crosskd.models.cache import resolve_cache_dir
+from crosskd.models.fingerprints import tokenizer_hash
 
 UNMAPPED = -1  # teacher ids that stand for no text (special, padded): they never carry mass onto the student
 # Bump when the mapping rules change, so maps cached by an older rule are rebuilt rather than silently reused.
@@ -35,11 +36,6 @@ _AFTER_EVERY_ID = torch.iinfo(torch.int64).max  # sorts unmapped entries after e
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Hashes and the on-disk cache
-
-
-def tokenizer_hash(tokenizer) -> str:
-    """sha256 of the tokenizer's tokenizer.json serialisation: any change to vocab, merges or pipeline changes it."""
-    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode("utf-8")).hexdigest()
 
 
 def first_token_map_key(student_tokenizer, teacher_tokenizer, teacher_valid_mask: torch.Tensor) -> str:
@@ -261,7 +257,7 @@ def _longest_valid_utf8_prefix(raw: bytes) -> bytes:
 
 def _byte_level_string(raw: bytes) -> str:
     """GPT-2's byte-to-printable-character spelling, the alphabet a byte-level BPE's vocabulary is written in."""
-    byte_to_unicode = {byte: char for char, byte in _gpt2_unicode_to_byte().items()}
+    byte_to_unicode = {byte: char for char, byte in gpt2_unicode_to_byte().items()}
     return "".join(byte_to_unicode[b] for b in raw)
 
 

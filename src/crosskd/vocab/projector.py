@@ -34,18 +34,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from crosskd.data.collate import IGNORE_INDEX
 from crosskd.losses.chunking import DEFAULT_CHUNK_ROWS, chunk_slices, upcast
 from crosskd.losses.target import MappedTarget, TopKTarget, teacher_topk
-
-IGNORE_INDEX = -100
 
 
 class LogitProjector(nn.Module):
     """The learned map from teacher features [.., D_t] to the student's output-embedding space [.., D_s].
 
     `residual=True`: output = student's final hidden state (detached) + linear(standardised teacher features), with
-    the linear map starting at zero. `residual=False`: output = linear(standardised teacher features) (the seed's
-    design), started by `least_squares_init`.
+    the linear map starting at zero. `residual=False`: output = linear(standardised teacher features) (the plain
+    map), started by `least_squares_init`.
     """
 
     def __init__(self, teacher_dim: int, student_dim: int, residual: bool = True):
@@ -178,8 +177,7 @@ def projected_target(
                                       _rows(student_hidden, rows)), top_k, every_id)
         for rows in chunk_slices(teacher_features.shape[0], chunk_size)
     ]
-    ids, logp, tail_logmass = (torch.cat(field) for field in zip(*((t.ids, t.logp, t.tail_logmass) for t in parts)))
-    return TopKTarget(ids, logp, tail_logmass).as_support()
+    return TopKTarget.concatenate(parts).as_support()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
