@@ -266,9 +266,9 @@ def write_cache(config: Config) -> dict:
     from it; the accelerator state it leaves behind is reset so training starts as a fresh process would."""
     from accelerate.state import AcceleratorState
 
-    from crosskd.teacher.cache import write_teacher_cache
+    from crosskd.api import cache_teacher
 
-    summary = write_teacher_cache(config, progress=False)
+    summary = cache_teacher(config, progress=False)
     AcceleratorState._reset_state(reset_partial_state=True)
     gc.collect()
     return {

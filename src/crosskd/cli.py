@@ -50,7 +50,7 @@ def _add_train(sub) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.max_steps=25 objective.kd_top_k=64")
     p.add_argument("--resume", nargs="?", const="latest", help="resume from the run's latest checkpoint (or a path)")
     p.add_argument("--debug", action="store_true", help="print raw and weighted loss components and check their sum")
-    p.set_defaults(handler="crosskd.train.recipe:cli_train")
+    p.set_defaults(handler="crosskd.api:cli_train")
 
 
 def _add_cache_teacher(sub) -> None:
@@ -69,7 +69,7 @@ def _add_cache_teacher(sub) -> None:
     p.add_argument("--processes", type=int, default=1,
                    help="processes the run will train with (its budget is max_steps x batch x accumulation x processes)")
     p.add_argument("--shard-megabytes", type=float, help="approximate size of one shard (default 64)")
-    p.set_defaults(handler="crosskd.teacher.cache:cli_cache_teacher")
+    p.set_defaults(handler="crosskd.api:cli_cache_teacher")
 
 
 def _add_eval(sub) -> None:

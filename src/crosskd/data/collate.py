@@ -27,9 +27,13 @@ class DualBatch:
     pair_student_next_bytes: torch.Tensor  # int64 [P]
     pair_teacher_next_bytes: torch.Tensor  # int64 [P]
     text_bytes: torch.Tensor  # int64 [B]: UTF-8 bytes each student window covers
+    # bool [B, N]: the student positions whose next token is trained (None: all with a target). Every term leaves
+    # the others out (crosskd.losses.selection), e.g. the prompt of an instruction example.
+    student_loss_mask: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> DualBatch:
-        return DualBatch(**{field.name: getattr(self, field.name).to(device) for field in fields(self)})
+        return DualBatch(**{field.name: None if getattr(self, field.name) is None else getattr(self, field.name).to(device)
+                            for field in fields(self)})
 
 
 def _right_padded(rows: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

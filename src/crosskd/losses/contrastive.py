@@ -48,7 +48,6 @@ class ContrastiveMatcher(nn.Module):
         student_grad_weight: float,
     ) -> SummedLoss:
         """Cross-entropy of each pair's teacher among all the batch's teacher states, summed over pairs."""
-        pairs = pairs.without_window_start()
         student = self.projection(
             student_features(student_hidden_states[self.student_layer], pairs, student_grad_weight)
         )

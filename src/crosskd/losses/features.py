@@ -3,7 +3,8 @@
 Conventions every term follows:
 
 * Aligned positions arrive as the flat pair tensors of docs/ARCHITECTURE.md ("The contracts between stages") (``AlignedPairs``).
-* Window position 0 is left out (``AlignedPairs.without_window_start``): it is the attention sink. There, two of
+* Window position 0 is left out: the terms receive the feature pairs of the micro-batch's position selection
+  (``crosskd.losses.selection``, which applies ``AlignedPairs.without_window_start``); it is the attention sink. There, two of
   Qwen's 896 channels carry 98% of the hidden-state energy and key 0 takes 20-68% of head-averaged attention, so a
   term that kept it would mostly fit that one outlier position.
 * Teacher targets are standardised per channel with calibration statistics (``crosskd.losses.calibration``) and
@@ -35,7 +36,11 @@ class AlignedPairs(NamedTuple):
     teacher_pos: Tensor
 
     def without_window_start(self) -> AlignedPairs:
-        keep = (self.student_pos > 0) & (self.teacher_pos > 0)
+        """The pairs whose student and teacher positions are both past window position 0 (the attention sink)."""
+        return self.where((self.student_pos > 0) & (self.teacher_pos > 0))
+
+    def where(self, keep: Tensor) -> AlignedPairs:
+        """The pairs where the bool [P] `keep` holds."""
         return AlignedPairs(self.batch[keep], self.student_pos[keep], self.teacher_pos[keep])
 
     def __len__(self) -> int:

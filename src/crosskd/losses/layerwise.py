@@ -64,8 +64,7 @@ class LayerwiseMatcher(nn.Module):
         *,
         student_grad_weight: float,
     ) -> SummedLoss:
-        """MSE averaged over channels and over mapped layers, summed over aligned positions (position 0 left out)."""
-        pairs = pairs.without_window_start()
+        """MSE averaged over channels and over mapped layers, summed over `pairs` (the selection's feature pairs)."""
         errors = [
             mse_per_position(
                 projection(student_features(student_hidden_states[student], pairs, student_grad_weight)),
