@@ -17,10 +17,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import PartialState
 
 from crosskd.config import Config, config_from_dict
 from crosskd.config import load_config as load_config_file
+from crosskd.data.stdlib import heldout_text
+from crosskd.evaluate import bits_per_byte
+from crosskd.models.loading import load_model
 from crosskd.teacher.cache import DEFAULT_SHARD_MEGABYTES, CacheSummary, TeacherCacheError, write_teacher_cache
 from crosskd.train.recipe import TrainingStopped, TrainResult, train
 from crosskd.vocab.transfer import transfer_class
@@ -84,4 +88,35 @@ def cli_cache_teacher(args) -> int:
     train_command = ["crosskd", "train", args.config, *args.overrides, "teacher.source=cache",
                      f"teacher.cache_dir={summary.cache_dir}"]
     print(f"train from it with: {shlex.join(train_command)}")
+    return 0
+
+
+def _load_for_cli(spec: str):
+    """A model folder, GGUF file or crosskd checkpoint's exported student, with its tokenizer."""
+    return load_model(spec, "student")
+
+
+def cli_eval(args) -> int:
+    loaded = _load_for_cli(args.model)
+    if args.text_file:
+        path = Path(args.text_file)
+        if not path.is_file():
+            raise SystemExit(f"crosskd eval: {path} does not exist; pass a UTF-8 text file with --text-file")
+        text = path.read_text(encoding="utf-8", errors="replace")
+    else:
+        text = heldout_text()
+    result = bits_per_byte(loaded.model, loaded.tokenizer, text)
+    print(
+        f"{args.model}: bits per byte {result.bits_per_byte:.4f}, perplexity {result.perplexity:.3f} "
+        f"({result.scored_tokens} tokens, {result.scored_bytes} bytes scored)"
+    )
+    return 0
+
+
+def cli_generate(args) -> int:
+    loaded = _load_for_cli(args.model)
+    inputs = loaded.tokenizer(args.prompt, return_tensors="pt")
+    with torch.no_grad():
+        output = loaded.model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(loaded.tokenizer.decode(output[0], skip_special_tokens=True))
     return 0

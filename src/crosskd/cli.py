@@ -80,7 +80,7 @@ def _add_eval(sub) -> None:
     )
     p.add_argument("model", help="model folder, GGUF file or crosskd checkpoint")
     p.add_argument("--text-file", help="text to evaluate (default: the protocol's held-out stdlib text)")
-    p.set_defaults(handler="crosskd.evaluate:cli_eval")
+    p.set_defaults(handler="crosskd.api:cli_eval")
 
 
 def _add_generate(sub) -> None:
@@ -88,7 +88,7 @@ def _add_generate(sub) -> None:
     p.add_argument("model", help="model folder, GGUF file or crosskd checkpoint")
     p.add_argument("prompt", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.set_defaults(handler="crosskd.evaluate:cli_generate")
+    p.set_defaults(handler="crosskd.api:cli_generate")
 
 
 def build_parser() -> argparse.ArgumentParser:

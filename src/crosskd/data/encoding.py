@@ -16,6 +16,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from crosskd.models.vocab import require_fast_tokenizer
+
 METASPACE = "▁"
 _BYTE_FALLBACK_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -30,15 +32,6 @@ class EncodedText:
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
-
-
-def require_fast_tokenizer(tokenizer, role: str = "tokenizer") -> None:
-    """Offsets are only available from fast (Rust) tokenizers; a slow one cannot be aligned."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(
-            f"the {role} ({type(tokenizer).__name__}) is a slow tokenizer without offset mappings, which crosskd needs "
-            "to align tokens across vocabularies; load it with use_fast=True or convert it to a tokenizer.json"
-        )
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import numpy as np
 
 from crosskd.data import stdlib
 from crosskd.data.alignment import align, alignment_rate
-from crosskd.data.encoding import encode_with_byte_spans, require_fast_tokenizer
+from crosskd.data.encoding import encode_with_byte_spans
+from crosskd.models.vocab import require_fast_tokenizer
 
 
 @dataclass(frozen=True)

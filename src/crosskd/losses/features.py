@@ -2,11 +2,12 @@
 
 Conventions every term follows:
 
-* Aligned positions arrive as the flat pair tensors of docs/ARCHITECTURE.md ("The contracts between stages") (``AlignedPairs``).
+* Aligned positions arrive as the flat pair tensors of docs/ARCHITECTURE.md, "The contracts between stages"
+  (``AlignedPairs``).
 * Window position 0 is left out: the terms receive the feature pairs of the micro-batch's position selection
-  (``crosskd.losses.selection``, which applies ``AlignedPairs.without_window_start``); it is the attention sink. There, two of
-  Qwen's 896 channels carry 98% of the hidden-state energy and key 0 takes 20-68% of head-averaged attention, so a
-  term that kept it would mostly fit that one outlier position.
+  (``crosskd.losses.selection``, which applies ``AlignedPairs.without_window_start``). It is the attention sink:
+  there, two of Qwen's 896 channels carry 98% of the hidden-state energy and key 0 takes 20-68% of head-averaged
+  attention, so a term that kept it would mostly fit that one outlier position.
 * Teacher targets are standardised per channel with calibration statistics (``crosskd.losses.calibration``) and
   never carry gradient.
 * A term returns ``SummedLoss(sum, count)``: the loss summed over aligned positions and the number of positions, so
