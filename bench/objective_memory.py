@@ -91,7 +91,7 @@ def run_case(case: str) -> dict:
     torch.set_num_threads(1)  # the CPU is shared; one thread keeps timings comparable between cases
     x = inputs()
     token_map = reference_first_token_map(x["valid"])
-    projector = LogitProjector(TEACHER_DIM, STUDENT_DIM, residual=case == "projector")  # the dense baseline's map is plain
+    projector = LogitProjector(TEACHER_DIM, STUDENT_DIM, residual=case == "projector")  # dense: a plain map
     objective(case, x, token_map, projector).backward()  # warm-up
     x["student_hidden"].grad = None
     baseline = psutil.Process().memory_info().rss

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,9 @@ from accelerate import PartialState
 from crosskd.config import Config, config_from_dict
 from crosskd.config import load_config as load_config_file
 from crosskd.data.stdlib import heldout_text
-from crosskd.evaluate import bits_per_byte
+from crosskd.evaluate import bits_per_byte, folder_heldout_bpb
 from crosskd.models.loading import load_model
+from crosskd.models.reference import SetupError, ensure_reference_models
 from crosskd.teacher.cache import DEFAULT_SHARD_MEGABYTES, CacheSummary, TeacherCacheError, write_teacher_cache
 from crosskd.train.recipe import TrainingStopped, TrainResult, train
 from crosskd.vocab.transfer import transfer_class
@@ -119,4 +121,17 @@ def cli_generate(args) -> int:
     with torch.no_grad():
         output = loaded.model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     print(loaded.tokenizer.decode(output[0], skip_special_tokens=True))
+    return 0
+
+
+def cli_setup_models(args) -> int:
+    started = time.monotonic()
+    try:
+        pair = ensure_reference_models(args.cache_dir, measure_bpb=None if args.skip_bpb_check else folder_heldout_bpb,
+                                       reverify=args.reverify)
+    except SetupError as error:
+        print(f"crosskd setup-models: error: {error}", file=sys.stderr)
+        return 1
+    print(f"teacher: {pair.teacher_dir}\nstudent: {pair.student_dir}")
+    print(f"[setup-models] done in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     return 0

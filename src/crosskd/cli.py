@@ -21,7 +21,7 @@ def _add_setup_models(sub) -> None:
     p.add_argument("--skip-bpb-check", action="store_true", help="do not evaluate held-out BPB after conversion")
     p.add_argument("--reverify", action="store_true",
                    help="re-hash every converted file and re-measure BPB instead of trusting the completion marker")
-    p.set_defaults(handler="crosskd.models.reference:cli_setup_models")
+    p.set_defaults(handler="crosskd.api:cli_setup_models")
 
 
 def _add_align_report(sub) -> None:

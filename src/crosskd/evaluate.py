@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from crosskd.data.encoding import encode_with_byte_spans
+from crosskd.data.stdlib import heldout_text
 
 BPB_WINDOW_TOKENS = 512
 
@@ -72,3 +74,12 @@ def bits_per_byte(model, tokenizer, text: str, window: int = BPB_WINDOW_TOKENS, 
         scored_tokens=int(tokens.item()),
         scored_bytes=int(nbytes.item()),
     )
+
+
+def folder_heldout_bpb(folder: Path) -> float:
+    """Held-out stdlib BPB of a model folder loaded the plain way (which also proves it reloads without crosskd)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # loaded only when a folder is measured
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return bits_per_byte(model, tokenizer, heldout_text()).bits_per_byte

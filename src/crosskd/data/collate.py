@@ -32,8 +32,8 @@ class DualBatch:
     student_loss_mask: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> DualBatch:
-        return DualBatch(**{field.name: None if getattr(self, field.name) is None else getattr(self, field.name).to(device)
-                            for field in fields(self)})
+        values = {field.name: getattr(self, field.name) for field in fields(self)}
+        return DualBatch(**{name: None if value is None else value.to(device) for name, value in values.items()})
 
 
 def _right_padded(rows: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

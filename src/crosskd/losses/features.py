@@ -20,13 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from crosskd.losses.calibration import HiddenStateStats
+from crosskd.losses.calibration import HiddenStateStats
 
 
 class AlignedPairs(NamedTuple):

@@ -92,7 +92,7 @@ class _GroupMatcher(nn.Module):
         stats: HiddenStateStats,
         student_grad_weight: float,
     ) -> tuple[Tensor, Tensor]:
-        """Student features [P, H_s] and every expert's error against its own group [P, E] at `pairs` (the feature pairs)."""
+        """Student features [P, H_s] and every expert's error against its own group [P, E] at the feature pairs."""
         student = student_features(student_hidden_states[self.student_layer], pairs, student_grad_weight)
         predictions = torch.stack([expert(student) for expert in self.experts], dim=1)  # [P, E, H_t]
         targets = torch.stack(

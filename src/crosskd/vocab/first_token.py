@@ -23,7 +23,6 @@ import torch
 from torch import Tensor
 
 from crosskd.data.encoding import gpt2_unicode_to_byte, token_bytes_table
-from crosskd.config import check_choice
 from crosskd.losses.chunking import upcast
 from crosskd.losses.target import MappedTarget, StudentGroups, TopKTarget, logsumexp_or_neginf
 from crosskd.models.cache import resolve_cache_dir
@@ -363,11 +362,7 @@ class FirstTokenTransfer(DivergenceTransfer):
     """
 
     name = "first-token"
-    exclusive_options = ("mismatch_policy",)
-
-    @classmethod
-    def check_options(cls, objective) -> None:
-        check_choice(objective.mismatch_policy, MISMATCH_POLICIES, "objective.mismatch_policy")
+    exclusive_options = {"mismatch_policy": MISMATCH_POLICIES}
 
     @classmethod
     def teacher_needs(cls, objective) -> TeacherNeeds:

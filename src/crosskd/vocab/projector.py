@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from crosskd.config import check_choice
 from crosskd.data.collate import IGNORE_INDEX
 from crosskd.losses.chunking import DEFAULT_CHUNK_ROWS, chunk_slices, upcast
 from crosskd.losses.lm import student_forward_kwargs
@@ -346,12 +345,8 @@ class ProjectorTransfer(DivergenceTransfer):
     true next student token by the anchor term (`objective.projector_anchor_alpha`)."""
 
     name = "projector"
-    exclusive_options = ("projector_features",)
+    exclusive_options = {"projector_features": PROJECTOR_FEATURES}
     extra_term_names = ("anchor",)
-
-    @classmethod
-    def check_options(cls, objective) -> None:
-        check_choice(objective.projector_features, PROJECTOR_FEATURES, "objective.projector_features")
 
     @classmethod
     def teacher_needs(cls, objective) -> TeacherNeeds:

@@ -13,7 +13,7 @@ the objective read this registry; nothing else compares strategy names. docs/ARC
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -46,16 +46,13 @@ class VocabularyTransfer:
     what differs; the defaults train on every aligned pair and add no terms, parameters or preparation."""
 
     name: ClassVar[str]
-    #: Objective options only this transfer reads: with another strategy, a value other than the default is refused.
-    exclusive_options: ClassVar[tuple[str, ...]] = ()
+    #: Objective options only this transfer reads, with their valid values (checked whatever the strategy); with
+    #: another strategy, a value other than the default is refused.
+    exclusive_options: ClassVar[dict[str, tuple[str, ...]]] = {}
     #: Terms the transfer adds besides KD (`extra_terms`): they need the teacher even while the KD weight is 0.
     extra_term_names: ClassVar[tuple[str, ...]] = ()
 
     # --- declarations, from the config alone (config validation, the teacher cache) --------------------------------
-    @classmethod
-    def check_options(cls, objective: ObjectiveConfig) -> None:
-        """Reject values of this transfer's own options that name nothing (whatever the strategy)."""
-
     @classmethod
     def check_config(cls, objective: ObjectiveConfig) -> None:
         """Reject option values this transfer cannot run with (ConfigError naming the reason), when it is selected."""
@@ -69,7 +66,7 @@ class VocabularyTransfer:
         """Whether `prepare` reads the preparation windows (a teacher cache must then hold their signal)."""
         return False
 
-    # --- one run -------------------------------------------------------------------------------------------------------
+    # --- one run ------------------------------------------------------------------------------------------------
     def __init__(self, config: Config, teacher, student):
         self.config = config
         self.chunk_size = config.objective.chunk_size
@@ -163,24 +160,22 @@ def transfer_class(objective: ObjectiveConfig) -> type[VocabularyTransfer]:
     return TRANSFERS[objective.strategy]
 
 
-def _owners(transfers: Iterable[type[VocabularyTransfer]]) -> dict[str, str]:
-    return {option: transfer.name for transfer in transfers for option in transfer.exclusive_options}
-
-
 def check_objective(config: Config) -> None:
     """The objective section against the registry: a known strategy, every transfer's own options valid, the selected
     transfer's rules, and no option of another transfer set away from its default."""
     objective = config.objective
     selected = transfer_class(objective)
     for transfer in TRANSFERS.values():
-        transfer.check_options(objective)
+        for option, choices in transfer.exclusive_options.items():
+            check_choice(getattr(objective, option), choices, f"objective.{option}")
     selected.check_config(objective)
     defaults = ObjectiveConfig()
-    for option, owner in _owners(TRANSFERS.values()).items():
-        value = getattr(objective, option)
-        if owner != selected.name and value != getattr(defaults, option):
-            raise ConfigError(f"objective.{option} {value!r} applies only to the {owner} strategy; remove "
-                              f"objective.{option} or set objective.strategy: {owner}")
+    for transfer in TRANSFERS.values():
+        for option in transfer.exclusive_options:
+            value = getattr(objective, option)
+            if transfer is not selected and value != getattr(defaults, option):
+                raise ConfigError(f"objective.{option} {value!r} applies only to the {transfer.name} strategy; remove "
+                                  f"objective.{option} or set objective.strategy: {transfer.name}")
 
 
 register_config_check(check_objective)

@@ -96,8 +96,9 @@ class UniversalLogitDistillation(VocabularyTransfer):
 
     def __init__(self, config, teacher, student):
         super().__init__(config, teacher, student)
-        self.teacher_to_student = TokenMapOnDevice(load_or_build_first_token_map(
-            student.tokenizer, teacher.tokenizer, teacher.vocab.valid_mask, student.vocab.logit_size).teacher_to_student)
+        token_map = load_or_build_first_token_map(student.tokenizer, teacher.tokenizer, teacher.vocab.valid_mask,
+                                                  student.vocab.logit_size)
+        self.teacher_to_student = TokenMapOnDevice(token_map.teacher_to_student)
 
     def kd_target(self, signal, selection, inputs, student_embedding) -> TopKTarget:
         return signal.topk.select(selection.kd_pairs)
