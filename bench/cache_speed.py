@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from accelerate.state import AcceleratorState
 
-from crosskd.config import load_config
 from crosskd.api import cache_teacher
+from crosskd.config import load_config
 from crosskd.train import recipe
 from crosskd.train.logbook import Logbook
 

@@ -39,10 +39,10 @@ import torch
 
 from crosskd.config import Config, load_config
 from crosskd.data.collate import collate_windows
+from crosskd.data.corpus import TrainingCorpus
 from crosskd.data.windows import protocol_train_windows, window_ids_sha256
 from crosskd.evaluate import bits_per_byte
 from crosskd.models.loading import load_model, load_tokenizer
-from crosskd.data.corpus import TrainingCorpus
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "configs" / "reference.yaml"

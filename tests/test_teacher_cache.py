@@ -254,36 +254,38 @@ def test_a_killed_cache_resumes_after_its_last_complete_shard_and_ends_identical
     config = cached_run_config(tmp_path, corpus, tmp_path / "cache")
     tiny_shards = 0.005  # megabytes: one micro-batch per shard
 
-    flush = cache_module._ShardWriter.flush
-    flushes = []
+    signal = OnlineTeacher.signal
+    teacher_batches = []
 
-    def killed_after_two_shards(self, end, layout):
-        if len(flushes) == 2:
+    def killed_at_the_third_micro_batch(self, batch, **kwargs):
+        # Every micro-batch of this plan has new windows and a shard of its own: two shards are complete.
+        if len(teacher_batches) == 2:
             raise KeyboardInterrupt
-        flushes.append(end)
-        flush(self, end, layout)
+        teacher_batches.append(1)
+        return signal(self, batch, **kwargs)
 
-    monkeypatch.setattr(cache_module._ShardWriter, "flush", killed_after_two_shards)
+    monkeypatch.setattr(OnlineTeacher, "signal", killed_at_the_third_micro_batch)
     with pytest.raises(KeyboardInterrupt):
         cache_teacher(config, shard_megabytes=tiny_shards, progress=False)
-    monkeypatch.setattr(cache_module._ShardWriter, "flush", flush)
     with pytest.raises(TeacherCacheError, match=r"incomplete \(2 of 7 micro-batches\).*it resumes"):
         open_run_cache(config, teacher, student.tokenizer)
 
-    teacher_batches = []
-    signal = OnlineTeacher.signal
+    teacher_batches.clear()
     monkeypatch.setattr(OnlineTeacher, "signal", lambda self, batch, **kw: teacher_batches.append(1) or
                         signal(self, batch, **kw))
     resumed = cache_teacher(config, shard_megabytes=tiny_shards, progress=False)
     assert resumed.resumed_at == 2 and len(teacher_batches) == reference.micro_batches - 2 == 5
     assert not list((tmp_path / "cache").glob(".*.tmp"))
+    assert len(read_index(tmp_path / "cache")["shards"]) == 7
 
     straight = open_run_cache(reference_config, teacher, student.tokenizer)
     pieced = open_run_cache(config, teacher, student.tokenizer)
-    assert len(pieced.shards) == 7 and pieced.locations.keys() == straight.locations.keys()
-    for key in straight.locations:
-        a, b = straight._window_rows(key), pieced._window_rows(key)
-        assert all(torch.equal(a[name], b[name]) for name in straight.row_names)
+    corpus_ = TrainingCorpus(config.data, student.tokenizer, teacher.tokenizer, teacher.vocab.pad_id)
+    budget = cache_module.Budget(STEPS, 1, config.training.batch_size, STEPS * config.training.batch_size)
+    for _, batch in planned_batches(config, corpus_, teacher.vocab.pad_id, budget, with_preparation=False):
+        a, b = straight.signal(batch).topk, pieced.signal(batch).topk
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.logp, b.logp)
+        assert torch.equal(a.tail_logmass, b.tail_logmass)
 
 
 def test_a_window_read_again_is_stored_once_and_still_served(tiny_pair, tmp_path):

@@ -78,6 +78,18 @@ def test_a_transfer_defined_here_is_selected_by_the_config_and_trains_end_to_end
     assert result.student_dir.is_dir() and math.isfinite(result.best_bpb)
 
 
+@pytest.mark.parametrize(("overrides", "computed", "not_computed"), [
+    ((), "topk", "final_hidden"),
+    (("objective.strategy=uld", "objective.divergence=null"), "topk", "final_hidden"),
+    (("objective.strategy=projector",), "final_hidden", "topk"),
+    (("objective.strategy=projector", "objective.projector_features=topk_embeddings"), "topk", "final_hidden"),
+])
+def test_the_online_teacher_computes_only_what_the_transfer_declares(tmp_path, overrides, computed, not_computed):
+    objective, batch = _objective_and_batch(tiny_config(tmp_path, *overrides))
+    signal = objective.teacher_signal(batch, weights={"attention": 0.0})
+    assert getattr(signal, computed) is not None and getattr(signal, not_computed) is None
+
+
 def test_an_unregistered_strategy_is_refused_with_the_registered_names(tmp_path):
     with pytest.raises(ConfigError, match="objective.strategy is 'same-end-top-one', which is not one of first-token"):
         tiny_config(tmp_path, "objective.strategy=same-end-top-one")

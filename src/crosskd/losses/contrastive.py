@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from crosskd.losses.features import AlignedPairs, SummedLoss, standardised_teacher_target, student_features
 from crosskd.losses.calibration import HiddenStateStats
+from crosskd.losses.features import AlignedPairs, SummedLoss, standardised_teacher_target, student_features
 
 
 class ContrastiveMatcher(nn.Module):

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from crosskd.losses.calibration import HiddenStateStats
 from crosskd.losses.features import (
     AlignedPairs,
     SummedLoss,
@@ -26,7 +27,6 @@ from crosskd.losses.features import (
     standardised_teacher_target,
     student_features,
 )
-from crosskd.losses.calibration import HiddenStateStats
 
 
 def mapped_teacher_layer(student_layer: int, num_student_layers: int, num_teacher_layers: int) -> int:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from crosskd.losses.calibration import HiddenStateStats
 from crosskd.losses.features import (
     AlignedPairs,
     SummedLoss,
@@ -27,7 +28,6 @@ from crosskd.losses.features import (
     standardised_teacher_target,
     student_features,
 )
-from crosskd.losses.calibration import HiddenStateStats
 
 
 def teacher_layer_groups(num_teacher_layers: int, num_groups: int) -> tuple[tuple[int, ...], ...]:

@@ -31,7 +31,7 @@ from crosskd.data.collate import collate_windows
 from crosskd.data.corpus import TrainingCorpus, windows_per_step
 from crosskd.evaluate import bits_per_byte
 from crosskd.losses.selection import step_counts
-from crosskd.models.loading import load_model
+from crosskd.models.loading import LoadedModel, load_model
 from crosskd.models.precision import MixedPrecision
 from crosskd.schedules import loss_weights, schedule_settings, temperature
 from crosskd.train.checkpoint import (
@@ -151,8 +151,8 @@ class Run:
     config: Config
     accelerator: Accelerator
     precision: MixedPrecision
-    teacher: object  # crosskd.models.loading's loaded teacher (model, tokenizer, vocab facts)
-    student: object  # the loaded student; `student.model` stays the plain model
+    teacher: LoadedModel
+    student: LoadedModel  # `student.model` stays the plain model; the training forward goes through its wrapper
     corpus: TrainingCorpus
     objective: DistillationObjective
     optimizer: torch.optim.Optimizer
@@ -211,7 +211,7 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
     # `student.model` stays the plain model (attributes, checkpoints, export, pre-fit and retention); the training
     # forward goes through the prepared wrapper so data parallelism synchronises gradients. The objective is prepared
     # only when it has parameters of its own (projector, heads): DDP refuses a module with nothing to train.
-    objective.to(accelerator.device)
+    objective.to(accelerator.device)  # the transfer's modules and the heads
     student_forward = accelerator.prepare(student.model)
     has_parameters = any(True for _ in objective.parameters())
     objective_forward = accelerator.prepare(objective) if has_parameters else objective
