@@ -13,6 +13,7 @@ the objective read this registry; nothing else compares strategy names. docs/ARC
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -41,9 +42,10 @@ class ParameterGroup:
     lr_multiplier: float
 
 
-class VocabularyTransfer:
-    """One way to express the teacher's distribution on the student's vocabulary. Subclasses set `name` and override
-    what differs; the defaults train on every aligned pair and add no terms, parameters or preparation."""
+class VocabularyTransfer(ABC):
+    """One way to express the teacher's distribution on the student's vocabulary. Subclasses set `name`, implement
+    the abstract methods and override what differs; the defaults train on every aligned pair and add no terms,
+    parameters or preparation."""
 
     name: ClassVar[str]
     #: Objective options only this transfer reads, with their valid values (checked whatever the strategy); with
@@ -58,8 +60,9 @@ class VocabularyTransfer:
         """Reject option values this transfer cannot run with (ConfigError naming the reason), when it is selected."""
 
     @classmethod
+    @abstractmethod
     def teacher_needs(cls, objective: ObjectiveConfig) -> TeacherNeeds:
-        raise NotImplementedError(f"{cls.__name__} does not declare what it reads of the teacher")
+        """What the transfer reads of the teacher at the aligned pairs."""
 
     @classmethod
     def prepares_on_training_windows(cls, objective: ObjectiveConfig) -> bool:
@@ -96,14 +99,14 @@ class VocabularyTransfer:
         `student_hidden`: the student's flat final hidden states [B * N, H]."""
         return None
 
+    @abstractmethod
     def kd_target(self, signal: TeacherSignal, selection: PositionSelection, inputs: Any,
                   student_embedding: Tensor) -> Any:
         """The target at the selection's KD pairs (detached; anything with `ids` and `select`), in pair order."""
-        raise NotImplementedError
 
+    @abstractmethod
     def kd_loss_sum(self, temperature: float, device) -> KDLossSum:
         """(student log-probabilities of some KD rows, the target there) -> (sum, count): one chunk's KD sum."""
-        raise NotImplementedError
 
     def scaled_kd_sum(self, kd_sum: Tensor, temperature: float) -> Tensor:
         """The KD sum of the micro-batch as the term enters the objective."""
