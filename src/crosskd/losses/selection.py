@@ -56,7 +56,8 @@ def select_positions(batch: DualBatch, kd_pairs: Tensor) -> PositionSelection:
 def step_counts(selections: list[PositionSelection], accelerator=None) -> dict[str, Tensor]:
     """Valid positions of each per-token term over the whole optimizer step: every micro-batch, every process."""
     device = selections[0].lm_targets.device
-    counts = {key: sum(selection.counts()[key] for selection in selections) for key in COUNT_KEYS}
+    per_micro_batch = [selection.counts() for selection in selections]
+    counts = {key: sum(micro_batch[key] for micro_batch in per_micro_batch) for key in COUNT_KEYS}
     counts = {key: torch.as_tensor(value, dtype=torch.float64, device=device) for key, value in counts.items()}
     if accelerator is not None and accelerator.num_processes > 1:
         counts = {key: accelerator.reduce(value, reduction="sum") for key, value in counts.items()}
