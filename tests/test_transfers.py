@@ -18,6 +18,7 @@ from crosskd.losses.selection import select_positions, step_counts
 from crosskd.losses.target import TopKTarget
 from crosskd.models.loading import load_model
 from crosskd.schedules import schedule_settings
+from crosskd.teacher.cache_format import read_index
 from crosskd.teacher.online import TeacherNeeds
 from crosskd.train.objective import DistillationObjective
 from crosskd.vocab.first_token import load_or_build_first_token_map, push_topk_through_map
@@ -88,6 +89,16 @@ def test_the_online_teacher_computes_only_what_the_transfer_declares(tmp_path, o
     objective, batch = _objective_and_batch(tiny_config(tmp_path, *overrides))
     signal = objective.teacher_signal(batch, weights={"attention": 0.0})
     assert getattr(signal, computed) is not None and getattr(signal, not_computed) is None
+
+
+def test_a_transfer_defined_here_trains_from_a_teacher_cache_of_what_it_declares(tmp_path, toy_transfer):
+    config = tiny_config(tmp_path, f"objective.strategy={toy_transfer.name}", "training.max_steps=2",
+                         "teacher.source=cache", f"teacher.cache_dir={tmp_path / 'cache'}")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    summary = crosskd.cache_teacher(config, progress=False)
+    assert summary.positions > 0 and read_index(summary.cache_dir)["layout"]["signal"] == "topk"
+    run_training(config)
+    assert all(math.isfinite(record["loss/kd"]) for record in log_records(config.output.run_dir))
 
 
 def test_an_unregistered_strategy_is_refused_with_the_registered_names(tmp_path):
