@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from crosskd.data.collate import IGNORE_INDEX
 from crosskd.losses.lm import chunked_lm_and_kd
 from crosskd.losses.target import teacher_topk
 from crosskd.vocab.first_token import load_or_build_first_token_map, push_topk_through_map
@@ -62,7 +63,7 @@ def reference_first_token_map(valid: torch.Tensor) -> torch.Tensor:
 def objective(case: str, x: dict, token_map: torch.Tensor, projector: LogitProjector) -> torch.Tensor:
     """The KD part of the objective (plus the anchor for the projector) as one scalar to differentiate."""
     hidden, embedding, rows = x["student_hidden"], x["student_embedding"], x["rows"]
-    no_lm = torch.full_like(x["targets"], -100)
+    no_lm = torch.full_like(x["targets"], IGNORE_INDEX)
     if case == "first-token":
         target = push_topk_through_map(teacher_topk(x["teacher_logits"], TOP_K, x["valid"]), token_map)
         return chunked_lm_and_kd(hidden, embedding, no_lm, rows, target, 1.0, "forward_kl").kd_sum

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from crosskd.config import Config, load_config
-from crosskd.data.collate import collate_windows
+from crosskd.data.collate import IGNORE_INDEX, collate_windows
 from crosskd.data.corpus import TrainingCorpus
 from crosskd.data.windows import protocol_train_windows, window_ids_sha256
 from crosskd.evaluate import bits_per_byte
@@ -219,7 +219,8 @@ def measure_floor(config: Config, windows: list) -> dict:
 
     def student_forward_backward() -> None:
         logits = student.model(input_ids=batch.student_input_ids).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.student_targets.flatten(), ignore_index=-100)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.student_targets.flatten(),
+                                                 ignore_index=IGNORE_INDEX)
         loss.backward()
         student.model.zero_grad(set_to_none=True)
 
