@@ -5,7 +5,7 @@ timed per optimizer step from the trainer's own per-step log records; the first 
 initialisation) and the median of the rest reported (cache and lm_only: pooled over two alternating rounds):
 
 - online: the teacher runs in every step (teacher.source=online);
-- cache: the teacher's signal is read from a cache written just before by `write_teacher_cache` (k=256);
+- cache: the teacher's signal is read from a cache written just before by `crosskd.cache_teacher` (k=256);
 - lm_only: objective.kd_alpha=0, so the trainer skips the teacher entirely: the floor a cache can approach.
 
 A k=64 cache of the same run is written too, for its size. The held-out BPB cost of k=64 needs full quality runs and
@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from accelerate.state import AcceleratorState
 
+from crosskd.api import cache_teacher
 from crosskd.config import load_config
-from crosskd.teacher.cache import write_teacher_cache
 from crosskd.train import recipe
 from crosskd.train.logbook import Logbook
 
@@ -78,7 +78,7 @@ def pooled(rounds: list[dict]) -> dict:
 
 
 def cache_figures(config) -> dict:
-    summary = write_teacher_cache(config, progress=False)
+    summary = cache_teacher(config, progress=False)
     return {"k": config.objective.kd_top_k, "bytes": summary.bytes, "aligned_positions": summary.positions,
             "student_tokens": summary.student_tokens, "windows": summary.unique_windows,
             "bytes_per_aligned_position": round(summary.bytes_per_position, 1),

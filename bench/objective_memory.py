@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from crosskd.data.collate import IGNORE_INDEX
 from crosskd.losses.lm import chunked_lm_and_kd
 from crosskd.losses.target import teacher_topk
 from crosskd.vocab.first_token import load_or_build_first_token_map, push_topk_through_map
@@ -62,7 +63,7 @@ def reference_first_token_map(valid: torch.Tensor) -> torch.Tensor:
 def objective(case: str, x: dict, token_map: torch.Tensor, projector: LogitProjector) -> torch.Tensor:
     """The KD part of the objective (plus the anchor for the projector) as one scalar to differentiate."""
     hidden, embedding, rows = x["student_hidden"], x["student_embedding"], x["rows"]
-    no_lm = torch.full_like(x["targets"], -100)
+    no_lm = torch.full_like(x["targets"], IGNORE_INDEX)
     if case == "first-token":
         target = push_topk_through_map(teacher_topk(x["teacher_logits"], TOP_K, x["valid"]), token_map)
         return chunked_lm_and_kd(hidden, embedding, no_lm, rows, target, 1.0, "forward_kl").kd_sum
@@ -80,7 +81,7 @@ def objective(case: str, x: dict, token_map: torch.Tensor, projector: LogitProje
         mapped = torch.zeros(POSITIONS, STUDENT_VOCAB).index_add_(1, token_map.clamp_min(0),
                                                                   teacher_p * (token_map >= 0))
         return (mapped * (mapped.clamp_min(1e-30).log() - student_logp)).sum()
-    if case == "naive-dense-projector":  # the seed: full teacher probabilities times the embedding matrix
+    if case == "naive-dense-projector":  # dense baseline: full teacher probabilities times the embedding matrix
         teacher_p = x["teacher_logits"].masked_fill(~x["valid"], float("-inf")).softmax(-1)
         target_logp = (projector(teacher_p @ x["teacher_embedding"]) @ embedding.T).log_softmax(-1)
         return (target_logp.exp() * (target_logp - student_logp)).sum()
@@ -91,7 +92,7 @@ def run_case(case: str) -> dict:
     torch.set_num_threads(1)  # the CPU is shared; one thread keeps timings comparable between cases
     x = inputs()
     token_map = reference_first_token_map(x["valid"])
-    projector = LogitProjector(TEACHER_DIM, STUDENT_DIM, residual=case == "projector")  # the seed's map is plain
+    projector = LogitProjector(TEACHER_DIM, STUDENT_DIM, residual=case == "projector")  # dense: a plain map
     objective(case, x, token_map, projector).backward()  # warm-up
     x["student_hidden"].grad = None
     baseline = psutil.Process().memory_info().rss

@@ -38,11 +38,11 @@ from pathlib import Path
 import torch
 
 from crosskd.config import Config, load_config
-from crosskd.data.collate import collate_windows
+from crosskd.data.collate import IGNORE_INDEX, collate_windows
+from crosskd.data.corpus import TrainingCorpus
 from crosskd.data.windows import protocol_train_windows, window_ids_sha256
 from crosskd.evaluate import bits_per_byte
 from crosskd.models.loading import load_model, load_tokenizer
-from crosskd.train.corpus import TrainingCorpus
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO / "configs" / "reference.yaml"
@@ -240,7 +240,8 @@ def measure_floor(config: Config, windows: list) -> dict:
 
     def student_forward_backward() -> None:
         logits = student.model(input_ids=batch.student_input_ids).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.student_targets.flatten(), ignore_index=-100)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.student_targets.flatten(),
+                                                 ignore_index=IGNORE_INDEX)
         loss.backward()
         student.model.zero_grad(set_to_none=True)
 
@@ -287,9 +288,9 @@ def write_cache(config: Config) -> dict:
     from it; the accelerator state it leaves behind is reset so training starts as a fresh process would."""
     from accelerate.state import AcceleratorState
 
-    from crosskd.teacher.cache import write_teacher_cache
+    from crosskd.api import cache_teacher
 
-    summary = write_teacher_cache(config, progress=False)
+    summary = cache_teacher(config, progress=False)
     AcceleratorState._reset_state(reset_partial_state=True)
     gc.collect()
     return {

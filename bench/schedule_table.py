@@ -26,7 +26,8 @@ TERMS = ("kd", *CURRICULUM_TERMS)
 
 def unit_alpha_settings() -> ScheduleSettings:
     alphas = {f.name: 1.0 for f in dataclasses.fields(ScheduleSettings) if f.name.endswith("_alpha")}
-    return ScheduleSettings(**alphas)
+    # An anneal, to show the temperature function's shape (a run's config defaults to τ = 1 throughout).
+    return ScheduleSettings(**alphas, temperature_start=2.0, temperature_end=1.5)
 
 
 def markdown_table(settings: ScheduleSettings) -> str:

@@ -4,7 +4,7 @@ first-token: forward KL of the student's atoms to the mapped teacher top-k, with
 every pair, student token groups pooled) and 'exclude' (mismatch pairs left out).
 projector: forward KL to the projector's top-k after `prefit_projector` (cross-entropy anchor on training-side stdlib
 text, early-stopped on held-out windows the measurement does not use), residual (the default: a zero-started correction
-to the student's own final state) and plain (the seed's map from the teacher's state alone, least-squares init), and
+to the student's own final state) and plain (the map from the teacher's state alone, least-squares init), and
 the residual one reading top-k weighted teacher embeddings instead of the final state (projector_features
 'topk_embeddings').
 uld: crosskd.vocab.uld's distance (L1 between sorted top-k atoms plus the tail gap) on all aligned pairs.
@@ -23,26 +23,24 @@ import torch
 from crosskd.data.stdlib import heldout_text, stdlib_root
 from crosskd.losses.divergences import forward_kl
 from crosskd.losses.target import MappedTarget, StudentGroups, student_atoms, target_atoms, teacher_topk
-from crosskd.vocab.first_token import (
-    first_token_kd_pairs,
-    load_or_build_first_token_map,
-    load_or_build_student_groups,
-    push_topk_through_map,
-)
-from crosskd.vocab.uld import uld_per_position
+from crosskd.vocab.first_token import policy_kd_pairs, policy_map, push_topk_through_map
 from crosskd.vocab.projector import (
     AnchorData,
     LogitProjector,
+    after_sink,
+    anchor_data,
+    fit_standardisation_after_sink,
     least_squares_init,
     prefit_projector,
     projected_target,
     topk_embedding_features,
     without_sink,
 )
+from crosskd.vocab.uld import uld_per_position
 
 from first_token_nll import RESULTS, TOP_K, Pair, WindowPass, load_reference_pair, run_window, text_windows
 
-TEMPERATURES = (1.0, 2.0)  # 2.0 is the default temperature_start of the schedule
+TEMPERATURES = (1.0, 2.0)  # 2.0: the start of a softening temperature anneal
 MEASURE_WINDOWS, PREFIT_HELDOUT_WINDOWS, PREFIT_TRAIN_WINDOWS = 4, 12, 36  # the trainer: 48 windows, 3/4 fit
 # Pre-fit training text: stdlib files outside the held-out protocol.
 PREFIT_TRAIN_FILES = ("string.py", "bisect.py", "heapq.py", "contextlib.py", "functools.py")
@@ -57,17 +55,12 @@ def mean_kd(student_logits: torch.Tensor, target: MappedTarget, temperature: flo
 
 
 def first_token_step0(pair: Pair, windows: list[WindowPass], policy: str) -> dict:
-    student_vocab = pair.student.config.vocab_size
-    token_map = load_or_build_first_token_map(pair.student_tokenizer, pair.teacher_tokenizer, pair.teacher_valid_mask,
-                                              student_vocab)
-    teacher_to_student, groups = token_map.teacher_to_student, None
-    if policy == "merge":
-        groups = load_or_build_student_groups(pair.student_tokenizer, pair.teacher_tokenizer, student_vocab)
-        teacher_to_student = groups.root_of(teacher_to_student)
+    # The trainer's own rules for `objective.mismatch_policy` (crosskd.vocab.first_token).
+    teacher_to_student, groups = policy_map(policy, pair.student_tokenizer, pair.teacher_tokenizer,
+                                            pair.teacher_valid_mask, pair.student.config.vocab_size)
     logits, targets, used, total = [], [], 0, 0
     for w in windows:
-        kept = (first_token_kd_pairs(w.student_next_bytes, w.teacher_next_bytes) if policy == "exclude"
-                else torch.ones_like(w.student_pos, dtype=torch.bool))
+        kept = policy_kd_pairs(policy, w.student_next_bytes, w.teacher_next_bytes)
         topk = teacher_topk(w.teacher_logits[w.teacher_pos[kept]], TOP_K, pair.teacher_valid_mask)
         targets.append(push_topk_through_map(topk, teacher_to_student))
         logits.append(w.student_logits[w.student_pos[kept]])
@@ -94,7 +87,7 @@ def _pooled_kd(logits: list[torch.Tensor], targets: list[MappedTarget], temperat
 
 @dataclass
 class PrefitSet:
-    """Aligned pairs of some windows as the pre-fit sees them (bench twin of the trainer's `PrefitPairs`)."""
+    """Aligned pairs of some windows as the pre-fit sees them (the trainer's `PrefitPairs` of these windows)."""
 
     teacher_features: torch.Tensor
     after_sink: torch.Tensor
@@ -103,8 +96,7 @@ class PrefitSet:
     student_nll: torch.Tensor
 
     def anchor(self, projector: LogitProjector) -> AnchorData:
-        features = without_sink(self.teacher_features, self.after_sink, projector.feature_mean)
-        return AnchorData(features, self.target_ids, self.student_hidden if projector.residual else None)
+        return anchor_data(projector, self.teacher_features, self.after_sink, self.target_ids, self.student_hidden)
 
 
 def teacher_features(pair: Pair, w: WindowPass, kind: str) -> torch.Tensor:
@@ -120,7 +112,7 @@ def prefit_set(pair: Pair, windows: list[WindowPass], features: str) -> PrefitSe
     for w in windows:
         true_ids = torch.from_numpy(w.student.ids)[w.student_pos + 1]
         logp = w.student_logits[w.student_pos].log_softmax(-1)
-        parts.append((teacher_features(pair, w, features), w.teacher_pos > 0, true_ids,
+        parts.append((teacher_features(pair, w, features), after_sink(w.teacher_pos), true_ids,
                       w.student_hidden[w.student_pos], -logp.gather(-1, true_ids[:, None]).squeeze(-1)))
     return PrefitSet(*(torch.cat(column) for column in zip(*parts)))
 
@@ -131,7 +123,7 @@ def projector_step0(pair: Pair, train: list[WindowPass], prefit_heldout: list[Wi
     fit, check = prefit_set(pair, train, features), prefit_set(pair, prefit_heldout, features)
     torch.manual_seed(0)
     projector = LogitProjector(pair.teacher.config.hidden_size, pair.student.config.hidden_size, residual=residual)
-    projector.fit_standardisation(fit.teacher_features[fit.after_sink])
+    fit_standardisation_after_sink(projector, fit.teacher_features, fit.after_sink)
     before_prefit = _projector_kd(pair, projector, embedding, measure_windows, features)
     if not residual:
         least_squares_init(projector, fit.anchor(projector).teacher_features, fit.student_hidden)
@@ -151,7 +143,7 @@ def _projector_kd(pair: Pair, projector: LogitProjector, embedding: torch.Tensor
                   kind: str) -> dict[float, float]:
     logits, targets = [], []
     for w in windows:
-        features = without_sink(teacher_features(pair, w, kind), w.teacher_pos > 0, projector.feature_mean)
+        features = without_sink(teacher_features(pair, w, kind), after_sink(w.teacher_pos), projector.feature_mean)
         student_hidden = w.student_hidden[w.student_pos] if projector.residual else None
         targets.append(projected_target(projector, features, embedding, TOP_K, student_hidden=student_hidden))
         logits.append(w.student_logits[w.student_pos])

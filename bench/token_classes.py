@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from crosskd.config import load_config
+from crosskd.data.corpus import TrainingCorpus
 from crosskd.models.loading import load_model
-from crosskd.train.corpus import TrainingCorpus
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENS, WINDOW = 2048, 512

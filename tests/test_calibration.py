@@ -2,7 +2,7 @@ import pytest
 import torch
 from tiny_feature_pair import TEACHER_LAYERS, tiny_batch
 
-from crosskd.teacher.calibration import HiddenStateStats, estimate
+from crosskd.losses.calibration import HiddenStateStats, estimate
 
 
 def synthetic_batches(generator, count=3, layers=2, hidden=5):

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from crosskd.train.precision import MixedPrecision
+from crosskd.models.precision import MixedPrecision
 from crosskd.train.recipe import TrainingStopped
 from trainer_helpers import inject_nan_loss, log_records, run_training, tiny_config
 

@@ -23,7 +23,7 @@ QWEN_LOGITS = 151_936
 
 @pytest.fixture(scope="module")
 def reference_pair():
-    return ensure_reference_models(check_bpb=False)  # the test measures BPB itself, below
+    return ensure_reference_models()  # the test measures BPB itself, below
 
 
 @pytest.mark.parametrize("source", [STUDENT, TEACHER], ids=lambda source: source.role)

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.reference
 
 
 def test_short_distillation_of_the_reference_pair(tmp_path):
-    ensure_reference_models(check_bpb=False)
+    ensure_reference_models()
     config = load_config(
         "configs/reference.yaml",
         [f"output.run_dir={tmp_path / 'run'}", "training.max_steps=2", "training.batch_size=2",
@@ -52,9 +52,9 @@ def test_the_trainers_first_windows_are_the_benchmark_protocols():
 
     from crosskd.data.windows import protocol_train_windows, window_ids_sha256
     from crosskd.models.loading import load_tokenizer
-    from crosskd.train.corpus import TrainingCorpus
+    from crosskd.data.corpus import TrainingCorpus
 
-    ensure_reference_models(check_bpb=False)
+    ensure_reference_models()
     config = load_config("configs/reference.yaml")
     student, teacher = load_tokenizer("reference:student"), load_tokenizer("reference:teacher")
     corpus = TrainingCorpus(config.data, student, teacher, teacher.pad_token_id)

@@ -3,7 +3,6 @@ import math
 import pytest
 import torch
 from tiny_feature_pair import (
-    BATCH,
     STUDENT_HIDDEN,
     TEACHER_HIDDEN,
     TEACHER_LAYERS,
@@ -65,10 +64,10 @@ def test_default_student_layer_is_the_middle_block():
     assert [default_student_layer(n) for n in (1, 4, 30)] == [1, 2, 15]
 
 
-def test_router_losses_are_finite_at_init_and_leave_out_position_zero(batch):
+def test_router_losses_are_finite_at_init(batch):
     output = run(make_router(), batch)
     routing = output.routing
-    assert output.feature.count == len(batch.pairs) - BATCH
+    assert output.feature.count == len(batch.pairs)
     for value in (output.feature.sum, routing.load_balance, routing.importance, routing.gate_entropy):
         assert torch.isfinite(value)
     assert 0.1 < output.feature.mean().item() < 10  # standardised targets: about 1 per channel, not 150-200
@@ -91,7 +90,7 @@ def test_teacher_state_at_window_position_zero_does_not_matter(batch):
 def test_top_k_choice_varies_across_tokens(batch):
     router = make_router(top_k=1)
     student = batch.student_forward().hidden_states[2]
-    pairs = batch.pairs.without_window_start()
+    pairs = batch.pairs
     with torch.no_grad():
         chosen = router.gate(student_features(student, pairs, 0.0)).argmax(dim=-1)
     assert chosen.unique().numel() > 1
@@ -154,7 +153,7 @@ def test_balance_terms_tell_balanced_from_collapsed_routing():
 
 
 def test_batch_aligned_only_at_window_start_gives_zero_not_nan(batch):
-    only_start = AlignedPairs(*(torch.zeros(1, dtype=torch.long) for _ in range(3)))
+    only_start = AlignedPairs(*(torch.zeros(1, dtype=torch.long) for _ in range(3))).without_window_start()
     output = make_router()(
         batch.student_forward().hidden_states, batch.teacher_hidden_states, only_start, batch.stats,
         student_grad_weight=1.0,

@@ -40,7 +40,7 @@ def test_weights_at_key_progress_values(p, expected):
 
 @pytest.mark.parametrize(("p", "expected"), [(0.0, 2.0), (0.5, 1.75), (1.0, 1.5)])
 def test_temperature_anneals_linearly(p, expected):
-    assert temperature(p, ScheduleSettings()) == pytest.approx(expected)
+    assert temperature(p, ScheduleSettings(temperature_start=2.0, temperature_end=1.5)) == pytest.approx(expected)
 
 
 def test_temperature_range_is_configurable():

@@ -79,7 +79,6 @@ def fakes(monkeypatch) -> Fakes:
     fakes = Fakes()
     monkeypatch.setattr(reference, "install_packages", fakes.install_packages)
     monkeypatch.setattr(reference, "convert_gguf_to_folder", fakes.convert)
-    monkeypatch.setattr(reference, "measure_heldout_bpb", fakes.measure)
     return fakes
 
 
@@ -89,7 +88,7 @@ def leftovers(root: Path) -> list[str]:
 
 def test_build_concatenates_parts_in_order_and_writes_the_marker_last(tmp_path, fakes):
     source = make_source()
-    folders = ensure_model_folders(tmp_path, [source])
+    folders = ensure_model_folders(tmp_path, [source], fakes.measure)
 
     folder = folders["teacher"]
     assert fakes.conversions == [GGUF_BYTES]  # parts joined in order, exactly
@@ -105,10 +104,10 @@ def test_build_concatenates_parts_in_order_and_writes_the_marker_last(tmp_path, 
 
 def test_second_run_only_verifies(tmp_path, fakes):
     source = make_source()
-    ensure_model_folders(tmp_path, [source])
+    ensure_model_folders(tmp_path, [source], fakes.measure)
     marker_before = (tmp_path / "teacher" / MARKER_FILE).read_text()
 
-    ensure_model_folders(tmp_path, [source])
+    ensure_model_folders(tmp_path, [source], fakes.measure)
 
     assert len(fakes.installs) == 1 and len(fakes.conversions) == 1 and fakes.bpb_measurements == 1
     assert (tmp_path / "teacher" / MARKER_FILE).read_text() == marker_before
@@ -116,8 +115,8 @@ def test_second_run_only_verifies(tmp_path, fakes):
 
 def test_reverify_rehashes_and_remeasures(tmp_path, fakes):
     source = make_source()
-    ensure_model_folders(tmp_path, [source])
-    ensure_model_folders(tmp_path, [source], reverify=True)
+    ensure_model_folders(tmp_path, [source], fakes.measure)
+    ensure_model_folders(tmp_path, [source], fakes.measure, reverify=True)
     assert fakes.bpb_measurements == 2 and len(fakes.conversions) == 1
 
     # Same size, different content: only a re-hash can see it, and it triggers a rebuild.
@@ -125,19 +124,19 @@ def test_reverify_rehashes_and_remeasures(tmp_path, fakes):
     weights.write_bytes(b"X" * weights.stat().st_size)
     assert folder_problem(tmp_path / "teacher", source) is None
     assert "sha256 differs" in folder_problem(tmp_path / "teacher", source, rehash=True)
-    ensure_model_folders(tmp_path, [source], reverify=True)
+    ensure_model_folders(tmp_path, [source], fakes.measure, reverify=True)
     assert len(fakes.conversions) == 2
     assert weights.read_bytes() == GGUF_BYTES * 3
 
 
 def test_bpb_skipped_at_build_is_measured_once_when_asked(tmp_path, fakes):
     source = make_source()
-    ensure_model_folders(tmp_path, [source], check_bpb=False)
+    ensure_model_folders(tmp_path, [source], measure_bpb=None)
     assert fakes.bpb_measurements == 0
     assert json.loads((tmp_path / "teacher" / MARKER_FILE).read_text())["bpb"] is None
 
-    ensure_model_folders(tmp_path, [source])
-    ensure_model_folders(tmp_path, [source])
+    ensure_model_folders(tmp_path, [source], fakes.measure)
+    ensure_model_folders(tmp_path, [source], fakes.measure)
     assert fakes.bpb_measurements == 1
     assert json.loads((tmp_path / "teacher" / MARKER_FILE).read_text())["bpb"]["measured"] == 0.5
 
@@ -145,7 +144,7 @@ def test_bpb_skipped_at_build_is_measured_once_when_asked(tmp_path, fakes):
 def test_checksum_mismatch_is_a_clear_error_and_installs_nothing(tmp_path, fakes):
     wrong = "0" * 64
     with pytest.raises(ChecksumMismatchError) as caught:
-        ensure_model_folders(tmp_path, [make_source(sha256=wrong)])
+        ensure_model_folders(tmp_path, [make_source(sha256=wrong)], fakes.measure)
 
     message = str(caught.value)
     assert "teacher.gguf" in message
@@ -159,7 +158,7 @@ def test_checksum_mismatch_is_a_clear_error_and_installs_nothing(tmp_path, fakes
 def test_missing_part_names_the_file(tmp_path, fakes, monkeypatch):
     monkeypatch.setattr(reference, "install_packages", lambda packages, target: target.mkdir(parents=True))
     with pytest.raises(SetupError, match=r"did not contain fake_teacher/data/part0\.bin"):
-        ensure_model_folders(tmp_path, [make_source()])
+        ensure_model_folders(tmp_path, [make_source()], fakes.measure)
     assert not (tmp_path / "teacher").exists()
 
 
@@ -168,12 +167,12 @@ def test_interrupted_build_never_leaves_a_valid_looking_folder(tmp_path, fakes, 
     source = make_source()
     fakes.convert_failure = interruption
     with pytest.raises(type(interruption)):
-        ensure_model_folders(tmp_path, [source])
+        ensure_model_folders(tmp_path, [source], fakes.measure)
     assert not (tmp_path / "teacher").exists()
     assert folder_problem(tmp_path / "teacher", source) is not None
 
     fakes.convert_failure = None
-    ensure_model_folders(tmp_path, [source])
+    ensure_model_folders(tmp_path, [source], fakes.measure)
     assert folder_problem(tmp_path / "teacher", source) is None
 
 
@@ -186,7 +185,7 @@ def test_hard_kill_leftovers_are_cleaned_and_a_markerless_folder_is_rebuilt(tmp_
     (tmp_path / "teacher" / "config.json").write_text("{}")
     assert "no readable completion marker" in folder_problem(tmp_path / "teacher", source)
 
-    ensure_model_folders(tmp_path, [source])
+    ensure_model_folders(tmp_path, [source], fakes.measure)
 
     assert leftovers(tmp_path) == []
     assert folder_problem(tmp_path / "teacher", source) is None
@@ -195,7 +194,7 @@ def test_hard_kill_leftovers_are_cleaned_and_a_markerless_folder_is_rebuilt(tmp_
 
 def test_changed_file_size_or_new_pin_means_rebuild(tmp_path, fakes):
     source = make_source()
-    ensure_model_folders(tmp_path, [source])
+    ensure_model_folders(tmp_path, [source], fakes.measure)
     (tmp_path / "teacher" / "model.safetensors").write_bytes(b"truncated")
     assert "changed size" in folder_problem(tmp_path / "teacher", source)
 
@@ -207,14 +206,14 @@ def test_changed_file_size_or_new_pin_means_rebuild(tmp_path, fakes):
 def test_bpb_outside_tolerance_is_an_error_and_installs_nothing(tmp_path, fakes):
     fakes.measured_bpb = 0.9
     with pytest.raises(SetupError, match=r"held-out BPB 0\.9000, outside 0\.5 ± 0\.002.*--skip-bpb-check"):
-        ensure_model_folders(tmp_path, [make_source()])
+        ensure_model_folders(tmp_path, [make_source()], fakes.measure)
     assert not (tmp_path / "teacher").exists()
 
 
 def test_only_missing_roles_are_downloaded(tmp_path, fakes):
     teacher, student = make_source(role="teacher"), make_source(role="student")
-    ensure_model_folders(tmp_path, [teacher])
-    ensure_model_folders(tmp_path, [teacher, student])
+    ensure_model_folders(tmp_path, [teacher], fakes.measure)
+    ensure_model_folders(tmp_path, [teacher, student], fakes.measure)
     assert fakes.installs == [["fake-teacher==1.0"], ["fake-student==1.0"]]
 
 

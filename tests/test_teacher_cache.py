@@ -16,11 +16,21 @@ from crosskd.data.sources import Document
 from crosskd.data.windows import dual_windows
 from crosskd.losses.target import TopKTarget
 from crosskd.models.loading import load_model
-from crosskd.teacher.cache import TeacherCacheError, open_teacher_cache, planned_batches, write_teacher_cache
+from crosskd.api import cache_teacher
+from crosskd.data.corpus import TrainingCorpus
+from crosskd.teacher.cache import TeacherCacheError, open_teacher_cache, planned_batches
 from crosskd.teacher.cache_format import FP16_ABSOLUTE_ROUNDING, FP16_RELATIVE_ROUNDING, CacheLayout, read_index
-from crosskd.teacher.online import OnlineTeacher, TeacherSignal
-from crosskd.train.corpus import TrainingCorpus
+from crosskd.teacher.online import OnlineTeacher, TeacherNeeds, TeacherSignal
+from crosskd.vocab.transfer import transfer_class
 from trainer_helpers import log_records, run_training, tiny_config, write_corpus, write_single_window_corpus
+
+EVERY_PART = TeacherNeeds(topk=True, final_hidden=True)
+
+
+def open_run_cache(config, teacher, student_tokenizer):
+    """The cache of `config`'s run, opened for what its vocabulary transfer reads (as the objective opens it)."""
+    return open_teacher_cache(config, transfer_class(config.objective).teacher_needs(config.objective), teacher,
+                              student_tokenizer)
 
 STEPS = 3
 # Tolerances of cached against online training (docs/CACHE.md, "Exactness"). The stored log-probabilities are within
@@ -50,7 +60,7 @@ def cached_run_config(tmp_path, corpus, cache_dir, *overrides):
 def written(tmp_path_factory, corpus, cache_dir):
     """The cache of a 3-step tiny run, written once for the module."""
     config = cached_run_config(tmp_path_factory.mktemp("writer"), corpus, cache_dir)
-    return config, write_teacher_cache(config, progress=False)
+    return config, cache_teacher(config, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -101,12 +111,12 @@ def test_bf16_rounding_would_fail_the_fp16_bound():
 def test_stored_signal_is_the_online_signal_within_fp16_rounding(written, tiny_pair):
     config, summary = written
     teacher, student = tiny_pair
-    cached = open_teacher_cache(config, teacher, student.tokenizer)
-    online = OnlineTeacher(teacher.model, teacher.vocab.valid_mask, config.objective.kd_top_k, 64)
+    cached = open_run_cache(config, teacher, student.tokenizer)
+    online = OnlineTeacher(teacher.model, teacher.vocab.valid_mask, config.objective.kd_top_k, 64, EVERY_PART)
     corpus = TrainingCorpus(config.data, student.tokenizer, teacher.tokenizer, teacher.vocab.pad_id)
     budget = cache_module.Budget(STEPS, 1, config.training.batch_size, STEPS * config.training.batch_size)
     stages = set()
-    for stage, batch in planned_batches(config, corpus, teacher.vocab.pad_id, budget):
+    for stage, batch in planned_batches(config, corpus, teacher.vocab.pad_id, budget, with_preparation=False):
         stages.add(stage)
         exact, stored = online.signal(batch).topk, cached.signal(batch).topk
         assert torch.equal(stored.ids, exact.ids)
@@ -120,7 +130,7 @@ def test_stored_signal_is_the_online_signal_within_fp16_rounding(written, tiny_p
 def test_a_window_the_cache_does_not_hold_is_an_error(written, tiny_pair):
     config, _ = written
     teacher, student = tiny_pair
-    cached = open_teacher_cache(config, teacher, student.tokenizer)
+    cached = open_run_cache(config, teacher, student.tokenizer)
     windows = list(dual_windows([Document("new", "def other():\n    return 42\n" * 20)], student.tokenizer,
                                 teacher.tokenizer, config.data.window_tokens))
     with pytest.raises(TeacherCacheError, match="not in the teacher cache"):
@@ -198,32 +208,32 @@ def test_a_cache_written_for_another_run_is_refused_naming_what_differs(written,
     teacher, student = tiny_pair
     config = cached_run_config(tmp_path, corpus, cache_dir, *overrides)
     with pytest.raises(TeacherCacheError, match=message) as error:
-        open_teacher_cache(config, teacher, student.tokenizer)
+        open_run_cache(config, teacher, student.tokenizer)
     assert "crosskd cache-teacher" in str(error.value)
 
 
 def test_a_shorter_run_or_another_top_k_strategy_reads_the_same_cache(written, corpus, cache_dir, tiny_pair, tmp_path):
     teacher, student = tiny_pair
     for overrides in (["training.max_steps=1"], ["objective.strategy=uld", "objective.divergence=null"]):
-        open_teacher_cache(cached_run_config(tmp_path, corpus, cache_dir, *overrides), teacher, student.tokenizer)
+        open_run_cache(cached_run_config(tmp_path, corpus, cache_dir, *overrides), teacher, student.tokenizer)
 
 
 def test_changed_corpus_text_is_refused(corpus, tiny_pair, tmp_path):
     teacher, student = tiny_pair
     own_corpus = shutil.copytree(corpus, tmp_path / "corpus")
     config = cached_run_config(tmp_path, own_corpus, tmp_path / "cache", "training.max_steps=1")
-    write_teacher_cache(config, progress=False)
+    cache_teacher(config, progress=False)
     document = next(path for path in sorted(own_corpus.iterdir()) if path.name != "heldout.txt")
     document.write_text(document.read_text() + "\n# one more line\n")  # same source, same settings, other text
     with pytest.raises(TeacherCacheError, match="corpus_text differs"):
-        open_teacher_cache(config, teacher, student.tokenizer)
+        open_run_cache(config, teacher, student.tokenizer)
 
 
 def test_missing_cache_is_refused_with_the_command_to_write_it(tiny_pair, corpus, tmp_path):
     teacher, student = tiny_pair
     config = cached_run_config(tmp_path, corpus, tmp_path / "nowhere")
     with pytest.raises(TeacherCacheError, match="holds no teacher cache.*crosskd cache-teacher"):
-        open_teacher_cache(config, teacher, student.tokenizer)
+        open_run_cache(config, teacher, student.tokenizer)
 
 
 @pytest.mark.parametrize("term", ["attention_alpha", "layerwise_alpha", "feature_alpha"])
@@ -244,47 +254,49 @@ def test_a_killed_cache_resumes_after_its_last_complete_shard_and_ends_identical
     config = cached_run_config(tmp_path, corpus, tmp_path / "cache")
     tiny_shards = 0.005  # megabytes: one micro-batch per shard
 
-    flush = cache_module._ShardWriter.flush
-    flushes = []
-
-    def killed_after_two_shards(self, end, layout):
-        if len(flushes) == 2:
-            raise KeyboardInterrupt
-        flushes.append(end)
-        flush(self, end, layout)
-
-    monkeypatch.setattr(cache_module._ShardWriter, "flush", killed_after_two_shards)
-    with pytest.raises(KeyboardInterrupt):
-        write_teacher_cache(config, shard_megabytes=tiny_shards, progress=False)
-    monkeypatch.setattr(cache_module._ShardWriter, "flush", flush)
-    with pytest.raises(TeacherCacheError, match=r"incomplete \(2 of 7 micro-batches\).*it resumes"):
-        open_teacher_cache(config, teacher, student.tokenizer)
-
-    teacher_batches = []
     signal = OnlineTeacher.signal
+    teacher_batches = []
+
+    def killed_at_the_third_micro_batch(self, batch, **kwargs):
+        # Every micro-batch of this plan has new windows and a shard of its own: two shards are complete.
+        if len(teacher_batches) == 2:
+            raise KeyboardInterrupt
+        teacher_batches.append(1)
+        return signal(self, batch, **kwargs)
+
+    monkeypatch.setattr(OnlineTeacher, "signal", killed_at_the_third_micro_batch)
+    with pytest.raises(KeyboardInterrupt):
+        cache_teacher(config, shard_megabytes=tiny_shards, progress=False)
+    with pytest.raises(TeacherCacheError, match=r"incomplete \(2 of 7 micro-batches\).*it resumes"):
+        open_run_cache(config, teacher, student.tokenizer)
+
+    teacher_batches.clear()
     monkeypatch.setattr(OnlineTeacher, "signal", lambda self, batch, **kw: teacher_batches.append(1) or
                         signal(self, batch, **kw))
-    resumed = write_teacher_cache(config, shard_megabytes=tiny_shards, progress=False)
+    resumed = cache_teacher(config, shard_megabytes=tiny_shards, progress=False)
     assert resumed.resumed_at == 2 and len(teacher_batches) == reference.micro_batches - 2 == 5
     assert not list((tmp_path / "cache").glob(".*.tmp"))
+    assert len(read_index(tmp_path / "cache")["shards"]) == 7
 
-    straight = open_teacher_cache(reference_config, teacher, student.tokenizer)
-    pieced = open_teacher_cache(config, teacher, student.tokenizer)
-    assert len(pieced.shards) == 7 and pieced.locations.keys() == straight.locations.keys()
-    for key in straight.locations:
-        a, b = straight._window_rows(key), pieced._window_rows(key)
-        assert all(torch.equal(a[name], b[name]) for name in straight.row_names)
+    straight = open_run_cache(reference_config, teacher, student.tokenizer)
+    pieced = open_run_cache(config, teacher, student.tokenizer)
+    corpus_ = TrainingCorpus(config.data, student.tokenizer, teacher.tokenizer, teacher.vocab.pad_id)
+    budget = cache_module.Budget(STEPS, 1, config.training.batch_size, STEPS * config.training.batch_size)
+    for _, batch in planned_batches(config, corpus_, teacher.vocab.pad_id, budget, with_preparation=False):
+        a, b = straight.signal(batch).topk, pieced.signal(batch).topk
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.logp, b.logp)
+        assert torch.equal(a.tail_logmass, b.tail_logmass)
 
 
 def test_a_window_read_again_is_stored_once_and_still_served(tiny_pair, tmp_path):
     teacher, student = tiny_pair
     corpus = write_single_window_corpus(tmp_path / "corpus")  # every step reads the same window
     config = cached_run_config(tmp_path, corpus, tmp_path / "cache", "training.batch_size=1")
-    summary = write_teacher_cache(config, shard_megabytes=0.001, progress=False)  # one micro-batch per shard
+    summary = cache_teacher(config, shard_megabytes=0.001, progress=False)  # one micro-batch per shard
     shards = read_index(summary.cache_dir)["shards"]
     assert [shard["windows"] for shard in shards[:STEPS]] == [1, 0, 0]  # the training window, then the same again
     assert summary.windows - summary.unique_windows == STEPS - 1
-    cached = open_teacher_cache(config, teacher, student.tokenizer)
+    cached = open_run_cache(config, teacher, student.tokenizer)
     teacher_corpus = TrainingCorpus(config.data, student.tokenizer, teacher.tokenizer, teacher.vocab.pad_id)
     window = next(teacher_corpus.train_windows(0, 0, 1, batch_size=1))
     assert cached.signal(collate_windows(window, teacher.vocab.pad_id)).topk.ids.shape[1] == config.objective.kd_top_k
@@ -293,7 +305,7 @@ def test_a_window_read_again_is_stored_once_and_still_served(tiny_pair, tmp_path
 def test_a_cache_folder_holding_another_runs_cache_is_not_overwritten(written, corpus, cache_dir, tmp_path):
     config = cached_run_config(tmp_path, corpus, cache_dir, "data.seed=3")
     with pytest.raises(TeacherCacheError, match="already holds a teacher cache for another run: data.seed differs"):
-        write_teacher_cache(config, progress=False)
+        cache_teacher(config, progress=False)
 
 
 # --- the projector's final hidden states -----------------------------------------------------------------------------
@@ -303,9 +315,9 @@ def test_projector_cache_stores_final_hidden_states_of_its_preparation_windows(c
     teacher, student = tiny_pair
     config = cached_run_config(tmp_path, corpus, tmp_path / "cache", "objective.strategy=projector",
                                "objective.divergence=null", "training.max_steps=1")
-    write_teacher_cache(config, progress=False)
-    cached = open_teacher_cache(config, teacher, student.tokenizer)
-    online = OnlineTeacher(teacher.model, teacher.vocab.valid_mask, config.objective.kd_top_k, 64)
+    cache_teacher(config, progress=False)
+    cached = open_run_cache(config, teacher, student.tokenizer)
+    online = OnlineTeacher(teacher.model, teacher.vocab.valid_mask, config.objective.kd_top_k, 64, EVERY_PART)
     corpus_ = TrainingCorpus(config.data, student.tokenizer, teacher.tokenizer, teacher.vocab.pad_id)
     for batch in corpus_.preparation_batches(config.training.batch_size, "cpu"):
         stored = cached.signal(batch)
@@ -321,12 +333,12 @@ def test_projector_on_top_k_embeddings_trains_from_a_top_k_cache_with_its_prepar
     run_training(online_config)
     cached_config = cached_run_config(tmp_path / "cached", corpus, tmp_path / "cache", "teacher.source=cache",
                                       *overrides)
-    write_teacher_cache(cached_config, progress=False)
+    cache_teacher(cached_config, progress=False)
     assert read_index(tmp_path / "cache")["layout"]["signal"] == "topk"
 
     # A first-token cache has the same top-k but not the pre-fit's windows: refused, saying so.
     first_token_cache = cached_run_config(tmp_path / "refused", corpus, tmp_path / "first-token-cache")
-    write_teacher_cache(first_token_cache, progress=False)
+    cache_teacher(first_token_cache, progress=False)
     with pytest.raises(TeacherCacheError, match="without its preparation windows"):
         run_training(cached_run_config(tmp_path / "refused", corpus, tmp_path / "first-token-cache",
                                        "teacher.source=cache", *overrides))

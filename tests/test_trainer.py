@@ -13,13 +13,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import crosskd.train.recipe as recipe
 from crosskd.config import load_config
 from crosskd.data.collate import collate_windows
+from crosskd.data.corpus import TrainingCorpus
 from crosskd.evaluate import bits_per_byte
+from crosskd.losses.selection import step_counts
 from crosskd.models.loading import load_model
-from crosskd.schedules import loss_weights, temperature
+from crosskd.schedules import loss_weights, schedule_settings, temperature
 from crosskd.train.checkpoint import checkpoint_name, list_checkpoints, load_checkpoint
-from crosskd.train.corpus import TrainingCorpus
 from crosskd.train.logbook import check_sum
-from crosskd.train.objective import DistillationObjective, schedule_settings
+from crosskd.train.objective import DistillationObjective
 from crosskd.train.recipe import TrainingStopped
 from trainer_helpers import (
     inject_nan_loss,
@@ -92,22 +93,19 @@ def test_loss_decreases_on_a_repeated_batch(tmp_path):
     assert records[-1]["total"] < records[0]["total"]
 
 
-def test_merge_policy_distils_every_aligned_pair_and_its_kd_decreases(tmp_path, monkeypatch):
+def test_merge_policy_distils_every_aligned_pair_and_its_kd_decreases(tmp_path):
     corpus = write_single_window_corpus(tmp_path / "corpus")
     config = tiny_config(tmp_path, "training.max_steps=6", "training.batch_size=1", "objective.mismatch_policy=merge",
                          "schedule.kd_warmup_start=1.0",
                          corpus=corpus)
-    counted = []
-    original = DistillationObjective.count_positions
-
-    def count_positions(self, micro_batches, accelerator):
-        counts = original(self, micro_batches, accelerator)
-        counted.append((int(counts["kd"]), sum(len(b.pair_batch) for b in micro_batches)))
-        return counts
-
-    monkeypatch.setattr(DistillationObjective, "count_positions", count_positions)
+    teacher = load_model(config.models.teacher, "teacher")
+    student = load_model(config.models.student, "student")
+    objective = DistillationObjective(config, teacher, student, schedule_settings(config))
+    corpus = TrainingCorpus(config.data, student.tokenizer, teacher.tokenizer, teacher.vocab.pad_id)
+    batch = collate_windows(next(corpus.train_windows(start=0, process_index=0, num_processes=1, batch_size=1)),
+                            teacher.vocab.pad_id)
+    assert int(objective.select(batch).counts()["kd"]) == len(batch.pair_batch)
     run_training(config)
-    assert counted and all(kd == pairs for kd, pairs in counted)
     kd = [r["loss/kd"] for r in log_records(config.output.run_dir)]
     assert all(math.isfinite(v) for v in kd) and kd[-1] < kd[0], kd
 
@@ -217,22 +215,28 @@ def test_accumulating_unequal_micro_batches_equals_one_large_batch(tmp_path):
     settings = schedule_settings(config)
     objective = DistillationObjective(config, teacher, student, settings)
     weights, tau = loss_weights(0.5, settings), temperature(0.5, settings)
-    windows = list(itertools.islice(corpus._all_windows(), 3))
+    windows = next(corpus.train_windows(start=0, process_index=0, num_processes=1, batch_size=3))
     small, large = (collate_windows(part, teacher.vocab.pad_id) for part in (windows[:1], windows[1:]))
     whole = collate_windows(windows, teacher.vocab.pad_id)
 
+    def counts_of(micro_batches):
+        return step_counts([objective.select(batch) for batch in micro_batches])
+
     def gradient(micro_batches, counts) -> torch.Tensor:
-        for batch, step_counts in zip(micro_batches, counts):
-            loss, _ = objective.combine(objective(batch, weights, tau), step_counts, weights, len(micro_batches), 1)
-            loss.backward()
+        for batch, batch_counts in zip(micro_batches, counts):
+            signal = objective.teacher_signal(batch, weights)
+            outputs = student.model(**objective.student_inputs(batch, weights))
+            terms = objective(batch, objective.select(batch), outputs.hidden_states, outputs.attentions, signal,
+                              weights, tau)
+            objective.combine(terms, batch_counts, weights, len(micro_batches), 1).total.backward()
         return _student_gradients(student.model)
 
-    step_counts = objective.count_positions([small, large], None)
-    small_counts, large_counts = (objective.count_positions([b], None) for b in (small, large))
+    both = counts_of([small, large])
+    small_counts, large_counts = counts_of([small]), counts_of([large])
     assert small_counts["lm"] != large_counts["lm"] and small_counts["kd"] != large_counts["kd"]
 
-    one_batch = gradient([whole], [objective.count_positions([whole], None)])
-    accumulated = gradient([small, large], [step_counts, step_counts])
+    one_batch = gradient([whole], [counts_of([whole])])
+    accumulated = gradient([small, large], [both, both])
     torch.testing.assert_close(accumulated, one_batch, rtol=1e-5, atol=1e-5)
     # Normalising each micro-batch by its own counts (a mean per micro-batch) is measurably different.
     per_micro_batch = gradient([small, large], [small_counts, large_counts])

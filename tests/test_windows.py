@@ -196,7 +196,8 @@ def test_collate_windows_shifts_targets_pads_the_teacher_and_flattens_pairs():
         assert batch.pair_student_next_bytes[in_row].tolist() == window.pairs.student_next_bytes.tolist()
     assert batch.text_bytes.tolist() == [w.text_bytes for w in windows]
     moved = batch.to("cpu")
-    assert all(tensor.dtype == torch.int64 for tensor in vars(moved).values())
+    assert moved.student_loss_mask is None  # no loss mask: every target is trained
+    assert all(tensor.dtype == torch.int64 for name, tensor in vars(moved).items() if name != "student_loss_mask")
 
 
 def test_collate_masks_student_padding_in_targets():

@@ -1,7 +1,8 @@
 """A tiny random Llama-like student and Qwen2-MoE-like teacher with synthetic aligned pairs, for the feature terms.
 
 Different widths and depths on purpose (student 32 x 4 blocks, teacher 48 x 3 blocks); no tokenizer is needed
-because the pairs are synthetic: monotone in both sequences, with (0, 0) included so every term must drop it.
+because the pairs are synthetic: monotone in both sequences, with (0, 0) included, then passed to the terms as a
+micro-batch's position selection gives them (`AlignedPairs.without_window_start`, crosskd.losses.selection).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
 from crosskd.losses.features import AlignedPairs, SummedLoss
-from crosskd.teacher.calibration import HiddenStateStats, estimate
+from crosskd.losses.calibration import HiddenStateStats, estimate
 
 STUDENT_HIDDEN, STUDENT_LAYERS, STUDENT_VOCAB, STUDENT_LEN = 32, 4, 100, 12
 TEACHER_HIDDEN, TEACHER_LAYERS, TEACHER_VOCAB, TEACHER_LEN = 48, 3, 120, 10
@@ -73,7 +74,7 @@ class TinyBatch:
     student_ids: Tensor
     teacher_hidden_states: tuple[Tensor, ...]
     teacher_attentions: tuple[Tensor, ...]
-    pairs: AlignedPairs
+    pairs: AlignedPairs  # the feature pairs: window position 0 left out, as the position selection does
     stats: HiddenStateStats
 
     def student_forward(self):
@@ -96,7 +97,7 @@ def tiny_batch(student_layers: int = STUDENT_LAYERS, seed: int = 0) -> TinyBatch
         student_ids=torch.randint(STUDENT_VOCAB, (BATCH, STUDENT_LEN), generator=generator),
         teacher_hidden_states=teacher_out.hidden_states,
         teacher_attentions=teacher_out.attentions,
-        pairs=synthetic_pairs(generator),
+        pairs=synthetic_pairs(generator).without_window_start(),
         stats=stats,
     )
 

@@ -95,7 +95,7 @@ def inject_nan_loss(monkeypatch, nan_calls) -> list[dict[str, torch.Tensor]]:
 
     def forward(self, *args, **kwargs):
         call = next(calls)
-        weights_seen.append({n: p.detach().clone() for n, p in self._student[0].model.named_parameters()})
+        weights_seen.append({n: p.detach().clone() for n, p in self.student_model.named_parameters()})
         terms = original(self, *args, **kwargs)
         if call in nan_calls:
             terms["lm"] = dataclasses.replace(terms["lm"], value=terms["lm"].value * math.nan)

@@ -21,7 +21,7 @@ def _add_setup_models(sub) -> None:
     p.add_argument("--skip-bpb-check", action="store_true", help="do not evaluate held-out BPB after conversion")
     p.add_argument("--reverify", action="store_true",
                    help="re-hash every converted file and re-measure BPB instead of trusting the completion marker")
-    p.set_defaults(handler="crosskd.models.reference:cli_setup_models")
+    p.set_defaults(handler="crosskd.api:cli_setup_models")
 
 
 def _add_align_report(sub) -> None:
@@ -50,7 +50,7 @@ def _add_train(sub) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.max_steps=25 objective.kd_top_k=64")
     p.add_argument("--resume", nargs="?", const="latest", help="resume from the run's latest checkpoint (or a path)")
     p.add_argument("--debug", action="store_true", help="print raw and weighted loss components and check their sum")
-    p.set_defaults(handler="crosskd.train.recipe:cli_train")
+    p.set_defaults(handler="crosskd.api:cli_train")
 
 
 def _add_cache_teacher(sub) -> None:
@@ -69,7 +69,7 @@ def _add_cache_teacher(sub) -> None:
     p.add_argument("--processes", type=int, default=1,
                    help="processes the run will train with (its budget is max_steps x batch x accumulation x processes)")
     p.add_argument("--shard-megabytes", type=float, help="approximate size of one shard (default 64)")
-    p.set_defaults(handler="crosskd.teacher.cache:cli_cache_teacher")
+    p.set_defaults(handler="crosskd.api:cli_cache_teacher")
 
 
 def _add_eval(sub) -> None:
@@ -80,7 +80,7 @@ def _add_eval(sub) -> None:
     )
     p.add_argument("model", help="model folder, GGUF file or crosskd checkpoint")
     p.add_argument("--text-file", help="text to evaluate (default: the protocol's held-out stdlib text)")
-    p.set_defaults(handler="crosskd.evaluate:cli_eval")
+    p.set_defaults(handler="crosskd.api:cli_eval")
 
 
 def _add_generate(sub) -> None:
@@ -88,7 +88,7 @@ def _add_generate(sub) -> None:
     p.add_argument("model", help="model folder, GGUF file or crosskd checkpoint")
     p.add_argument("prompt", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.set_defaults(handler="crosskd.evaluate:cli_generate")
+    p.set_defaults(handler="crosskd.api:cli_generate")
 
 
 def build_parser() -> argparse.ArgumentParser:

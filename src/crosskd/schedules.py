@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+from crosskd.config import Config, ObjectiveConfig, RouterConfig, ScheduleConfig
+
 # Terms whose weight is ramped in by the curriculum, in the order the curriculum switches them on.
 CURRICULUM_TERMS = ("feature", "attention", "layerwise", "contrastive")
 # Terms with a learned head that must train from step 0, even while the student receives none of their gradient.
@@ -23,31 +25,32 @@ TERMS_WITH_HEADS = ("feature", "layerwise", "contrastive")
 
 @dataclass(frozen=True)
 class ScheduleSettings:
-    """Plain values; the trainer's config maps onto these field names one to one."""
+    """Plain values; the trainer's config maps onto these field names one to one (`schedule_settings`), and the
+    defaults are the config's."""
 
-    kd_alpha: float = 1.0
+    kd_alpha: float = ObjectiveConfig.kd_alpha
     # The logit projector starts untrained, so KD starts small and reaches kd_alpha at kd_warmup_end_progress.
     # A fraction of kd_alpha (not an absolute weight), so kd_alpha = 0 means no KD at any p.
-    kd_warmup_start: float = 0.1
-    kd_warmup_end_progress: float = 0.2
+    kd_warmup_start: float = ScheduleConfig.kd_warmup_start
+    kd_warmup_end_progress: float = ScheduleConfig.kd_warmup_end_progress
 
-    temperature_start: float = 2.0
-    temperature_end: float = 1.5
+    temperature_start: float = ScheduleConfig.temperature_start
+    temperature_end: float = ScheduleConfig.temperature_end
     temperature_start_progress: float = 0.0
     temperature_end_progress: float = 1.0
 
     # Only the feature (router) term is on by default; the others are opt-in until benchmarked.
-    feature_alpha: float = 0.1
-    attention_alpha: float = 0.0
-    layerwise_alpha: float = 0.0
-    contrastive_alpha: float = 0.0
+    feature_alpha: float = RouterConfig.feature_alpha
+    attention_alpha: float = RouterConfig.attention_alpha
+    layerwise_alpha: float = RouterConfig.layerwise_alpha
+    contrastive_alpha: float = RouterConfig.contrastive_alpha
     # Gate-only regularisers of the router; constant because no gradient from them reaches the student.
-    load_balance_alpha: float = 0.01
-    importance_alpha: float = 0.01
+    load_balance_alpha: float = RouterConfig.load_balance_alpha
+    importance_alpha: float = RouterConfig.importance_alpha
 
     # False: every curriculum term sits at its alpha from p = 0 (the KD warm-up is separate; set
     # kd_warmup_end_progress = 0 to switch it off).
-    use_curriculum: bool = True
+    use_curriculum: bool = ScheduleConfig.use_curriculum
     feature_ramp_start: float = 0.1
     feature_ramp_end: float = 0.4
     attention_ramp_start: float = 0.1
@@ -150,3 +153,23 @@ def term_is_computed(term: str, p: float, settings: ScheduleSettings) -> bool:
     if term in TERMS_WITH_HEADS:
         return settings.alpha(term) > 0
     return curriculum_weight(term, p, settings) > 0
+
+
+def schedule_settings(config: Config) -> ScheduleSettings:
+    """The schedule of this run: config values, with terms that are switched off at weight 0."""
+    router = config.router
+    on = router.enabled
+    return ScheduleSettings(
+        kd_alpha=config.objective.kd_alpha,
+        kd_warmup_start=config.schedule.kd_warmup_start,
+        kd_warmup_end_progress=config.schedule.kd_warmup_end_progress,
+        temperature_start=config.schedule.temperature_start,
+        temperature_end=config.schedule.temperature_end,
+        use_curriculum=config.schedule.use_curriculum,
+        feature_alpha=router.feature_alpha if on else 0.0,
+        attention_alpha=router.attention_alpha if on else 0.0,
+        layerwise_alpha=router.layerwise_alpha if on else 0.0,
+        contrastive_alpha=router.contrastive_alpha if on else 0.0,
+        load_balance_alpha=router.load_balance_alpha if on else 0.0,
+        importance_alpha=router.importance_alpha if on else 0.0,
+    )

@@ -1,4 +1,5 @@
-"""Batches of dual windows as torch tensors, with the flat aligned-pair tensors of docs/TEAM-CONTRACT.md."""
+"""Batches of dual windows as torch tensors, with the flat aligned-pair tensors (docs/ARCHITECTURE.md, "The contracts
+between stages")."""
 
 from __future__ import annotations
 
@@ -26,9 +27,13 @@ class DualBatch:
     pair_student_next_bytes: torch.Tensor  # int64 [P]
     pair_teacher_next_bytes: torch.Tensor  # int64 [P]
     text_bytes: torch.Tensor  # int64 [B]: UTF-8 bytes each student window covers
+    # bool [B, N]: the student positions whose next token is trained (None: all with a target). Every term leaves
+    # the others out (crosskd.losses.selection), e.g. the prompt of an instruction example.
+    student_loss_mask: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> DualBatch:
-        return DualBatch(**{field.name: getattr(self, field.name).to(device) for field in fields(self)})
+        values = {field.name: getattr(self, field.name) for field in fields(self)}
+        return DualBatch(**{name: None if value is None else value.to(device) for name, value in values.items()})
 
 
 def _right_padded(rows: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

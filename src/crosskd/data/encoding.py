@@ -16,6 +16,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from crosskd.models.vocab import require_fast_tokenizer
+
 METASPACE = "▁"
 _BYTE_FALLBACK_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -32,21 +34,12 @@ class EncodedText:
         return int(self.ids.shape[0])
 
 
-def require_fast_tokenizer(tokenizer, role: str = "tokenizer") -> None:
-    """Offsets are only available from fast (Rust) tokenizers; a slow one cannot be aligned."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(
-            f"the {role} ({type(tokenizer).__name__}) is a slow tokenizer without offset mappings, which crosskd needs "
-            "to align tokens across vocabularies; load it with use_fast=True or convert it to a tokenizer.json"
-        )
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # What each token id stands for, in bytes
 
 
 @lru_cache(maxsize=1)
-def _gpt2_unicode_to_byte() -> dict[str, int]:
+def gpt2_unicode_to_byte() -> dict[str, int]:
     """Inverse of GPT-2's bytes_to_unicode: byte-level BPE writes byte b as a printable character."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))
@@ -74,7 +67,7 @@ def _uses_metaspace(pipeline: dict[str, str]) -> bool:
 
 
 def _byte_level_token_bytes(token: str) -> bytes | None:
-    table = _gpt2_unicode_to_byte()
+    table = gpt2_unicode_to_byte()
     if not all(ch in table for ch in token):
         return None  # not reachable from text: the byte-level pre-tokenizer only ever produces table characters
     return bytes(table[ch] for ch in token)

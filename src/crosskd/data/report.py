@@ -9,7 +9,9 @@ import numpy as np
 
 from crosskd.data import stdlib
 from crosskd.data.alignment import align, alignment_rate
-from crosskd.data.encoding import encode_with_byte_spans, require_fast_tokenizer
+from crosskd.data.encoding import encode_with_byte_spans
+from crosskd.models.reference import reference_model_dirs
+from crosskd.models.vocab import require_fast_tokenizer
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,6 @@ def _load_tokenizer(path: str, role: str):
 def cli_align_report(args) -> int:
     student_path, teacher_path = args.student, args.teacher
     if student_path is None or teacher_path is None:
-        from crosskd.models.reference import reference_model_dirs
-
         reference = reference_model_dirs()
         student_path = student_path or str(reference.student_dir)
         teacher_path = teacher_path or str(reference.teacher_dir)

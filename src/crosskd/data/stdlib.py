@@ -1,7 +1,8 @@
 """The Python standard library's own source: the reference corpus every machine has.
 
-The benchmark protocol (docs/BENCHMARKS.md) is fixed here so that set-up checks, benchmarks and tests all read
-the same held-out text.
+Set-up checks, benchmarks and tests all read the benchmark protocol's held-out text (docs/BENCHMARKS.md) from here;
+the split itself (`HELDOUT_FILES`, relative to the stdlib root, cut to `HELDOUT_CHARS`) is part of the config's
+defaults.
 """
 
 from __future__ import annotations
@@ -9,15 +10,13 @@ from __future__ import annotations
 import sysconfig
 from pathlib import Path
 
+from crosskd.config import HELDOUT_CHARS, HELDOUT_FILES
+
 # Folders left out of the corpus: tests are huge and repetitive, the rest are GUI/legacy/packaging code.
 EXCLUDED_DIR_NAMES = frozenset(
     {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo", "ensurepip"}
 )
 MAX_FILE_BYTES = 200_000
-
-# The benchmark protocol's held-out files (relative to the stdlib root) and how much of their concatenation is used.
-HELDOUT_FILES = ("fractions.py", "textwrap.py", "json/decoder.py", "shlex.py")
-HELDOUT_CHARS = 24_000
 
 
 def stdlib_root() -> Path:

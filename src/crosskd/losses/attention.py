@@ -1,9 +1,10 @@
 """Attention term: student and teacher attention maps compared on the positions both models share.
 
 For each selected student layer and its mapped teacher layer (the layerwise depth map), the head-averaged attention
-is restricted to aligned query and key positions, window position 0 excluded, and to keys that are causal in both
-models; each row is renormalised over those keys and KL(teacher row || student row) is taken per row. The loss is
-summed over aligned query rows (averaged over the selected layers) with the number of rows as its count.
+is restricted to aligned query and key positions (the selection's feature pairs: window position 0 excluded), and to
+keys that are causal in both models; each row is renormalised over those keys and KL(teacher row || student row) is
+taken per row. The loss is summed over aligned query rows (averaged over the selected layers) with the number of rows
+as its count.
 
 Position 0 is left out because it is the attention sink: key 0 takes 20-68% of the head-averaged attention in both
 models, so with it the term would mostly compare how much each model parks on the sink.
@@ -58,7 +59,6 @@ def attention_alignment_loss(
     *,
     student_grad_weight: float,
 ) -> SummedLoss:
-    pairs = pairs.without_window_start()
     total = torch.zeros((), device=pairs.batch.device)
     for row in pairs.batch.unique().tolist():
         in_row = pairs.batch == row

@@ -11,8 +11,11 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-#: Positions per chunk. 128 rows x 151,936 ids x 4 bytes is 78 MB per vocabulary-wide float32 buffer.
-DEFAULT_CHUNK_ROWS = 128
+from crosskd.config import ObjectiveConfig
+
+#: Positions per chunk, the run's default `objective.chunk_size`: 256 rows x 151,936 ids x 4 bytes is 156 MB per
+#: vocabulary-wide float32 buffer.
+DEFAULT_CHUNK_ROWS = ObjectiveConfig.chunk_size
 
 
 def chunk_slices(n_rows: int, chunk_size: int) -> Iterator[slice]:

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from crosskd.losses.calibration import HiddenStateStats
 from crosskd.losses.features import AlignedPairs, SummedLoss, standardised_teacher_target, student_features
-from crosskd.teacher.calibration import HiddenStateStats
 
 
 class ContrastiveMatcher(nn.Module):
@@ -48,7 +48,6 @@ class ContrastiveMatcher(nn.Module):
         student_grad_weight: float,
     ) -> SummedLoss:
         """Cross-entropy of each pair's teacher among all the batch's teacher states, summed over pairs."""
-        pairs = pairs.without_window_start()
         student = self.projection(
             student_features(student_hidden_states[self.student_layer], pairs, student_grad_weight)
         )

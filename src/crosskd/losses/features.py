@@ -2,11 +2,13 @@
 
 Conventions every term follows:
 
-* Aligned positions arrive as the flat pair tensors of docs/TEAM-CONTRACT.md (``AlignedPairs``).
-* Window position 0 is left out (``AlignedPairs.without_window_start``): it is the attention sink. There, two of
-  Qwen's 896 channels carry 98% of the hidden-state energy and key 0 takes 20-68% of head-averaged attention, so a
-  term that kept it would mostly fit that one outlier position.
-* Teacher targets are standardised per channel with calibration statistics (``crosskd.teacher.calibration``) and
+* Aligned positions arrive as the flat pair tensors of docs/ARCHITECTURE.md, "The contracts between stages"
+  (``AlignedPairs``).
+* Window position 0 is left out: the terms receive the feature pairs of the micro-batch's position selection
+  (``crosskd.losses.selection``, which applies ``AlignedPairs.without_window_start``). It is the attention sink:
+  there, two of Qwen's 896 channels carry 98% of the hidden-state energy and key 0 takes 20-68% of head-averaged
+  attention, so a term that kept it would mostly fit that one outlier position.
+* Teacher targets are standardised per channel with calibration statistics (``crosskd.losses.calibration``) and
   never carry gradient.
 * A term returns ``SummedLoss(sum, count)``: the loss summed over aligned positions and the number of positions, so
   the trainer can divide by the count of the whole accumulated batch.
@@ -18,13 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from crosskd.teacher.calibration import HiddenStateStats
+from crosskd.losses.calibration import HiddenStateStats
 
 
 class AlignedPairs(NamedTuple):
@@ -35,7 +36,11 @@ class AlignedPairs(NamedTuple):
     teacher_pos: Tensor
 
     def without_window_start(self) -> AlignedPairs:
-        keep = (self.student_pos > 0) & (self.teacher_pos > 0)
+        """The pairs whose student and teacher positions are both past window position 0 (the attention sink)."""
+        return self.where((self.student_pos > 0) & (self.teacher_pos > 0))
+
+    def where(self, keep: Tensor) -> AlignedPairs:
+        """The pairs where the bool [P] `keep` holds."""
         return AlignedPairs(self.batch[keep], self.student_pos[keep], self.teacher_pos[keep])
 
     def __len__(self) -> int:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from crosskd.losses.calibration import HiddenStateStats
 from crosskd.losses.features import (
     AlignedPairs,
     SummedLoss,
@@ -26,7 +27,6 @@ from crosskd.losses.features import (
     standardised_teacher_target,
     student_features,
 )
-from crosskd.teacher.calibration import HiddenStateStats
 
 
 def mapped_teacher_layer(student_layer: int, num_student_layers: int, num_teacher_layers: int) -> int:
@@ -64,8 +64,7 @@ class LayerwiseMatcher(nn.Module):
         *,
         student_grad_weight: float,
     ) -> SummedLoss:
-        """MSE averaged over channels and over mapped layers, summed over aligned positions (position 0 left out)."""
-        pairs = pairs.without_window_start()
+        """MSE averaged over channels and over mapped layers, summed over `pairs` (the selection's feature pairs)."""
         errors = [
             mse_per_position(
                 projection(student_features(student_hidden_states[student], pairs, student_grad_weight)),

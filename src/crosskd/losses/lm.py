@@ -20,11 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from crosskd.data.collate import IGNORE_INDEX
 from crosskd.losses.chunking import DEFAULT_CHUNK_ROWS, chunk_slices, upcast
 from crosskd.losses.divergences import Divergence, get_divergence
 from crosskd.losses.target import MappedTarget, StudentGroups, support_atoms
-
-IGNORE_INDEX = -100
 
 #: (student log-probabilities of some positions [p, V] float32, the target at those positions) -> (sum, count).
 KDLossSum = Callable[[Tensor, Any], tuple[Tensor, int]]
@@ -119,6 +118,14 @@ def fused_chunked_losses(
     return LossSums(lm_sum, len(lm_rows), kd_sum, kd_count)
 
 
+def student_forward_kwargs(batch, attentions: bool = False) -> dict:
+    """The arguments of the one student forward (training, projector pre-fit, retention): every hidden state, and
+    `logits_to_keep=1`, which stops the LM head from building [B, N, V] logits; the losses compute them chunk by chunk
+    from the final hidden state (`hidden_states[-1]`, after the norm)."""
+    return dict(input_ids=batch.student_input_ids, attention_mask=batch.student_attention_mask,
+                output_hidden_states=True, output_attentions=attentions, logits_to_keep=1)
+
+
 def chunked_cross_entropy(
     hidden: Tensor, head_weight: Tensor, targets: Tensor, chunk_size: int = DEFAULT_CHUNK_ROWS
 ) -> tuple[Tensor, int]:
@@ -148,7 +155,17 @@ def chunked_lm_and_kd(
     """
     if isinstance(divergence, str):
         divergence = get_divergence(divergence)
-    kd_loss_sum = functools.partial(divergence_loss_sum, divergence=divergence, temperature=temperature,
-                                    groups=student_groups)
+    kd_loss_sum = divergence_kd_loss(divergence, temperature, student_groups)
     sums = fused_chunked_losses(hidden, head_weight, lm_targets, kd_rows, kd_target, kd_loss_sum, chunk_size)
-    return sums._replace(kd_sum=sums.kd_sum * temperature**2) if scale_by_t2 else sums
+    return sums._replace(kd_sum=scale_kd_sum(sums.kd_sum, temperature, scale_by_t2))
+
+
+def divergence_kd_loss(divergence: Divergence, temperature: float, groups: StudentGroups | None = None) -> KDLossSum:
+    """The per-chunk KD sum of ``divergence`` at ``temperature`` (``groups``: pooled student atoms)."""
+    return functools.partial(divergence_loss_sum, divergence=divergence, temperature=temperature, groups=groups)
+
+
+def scale_kd_sum(kd_sum: Tensor, temperature: float, scale_by_t2: bool) -> Tensor:
+    """A KL-type KD sum times temperature**2 (``scale_by_t2``), which keeps its gradient on the same scale whatever
+    the temperature."""
+    return kd_sum * temperature**2 if scale_by_t2 else kd_sum

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from crosskd.losses.calibration import HiddenStateStats
 from crosskd.losses.features import (
     AlignedPairs,
     SummedLoss,
@@ -27,7 +28,6 @@ from crosskd.losses.features import (
     standardised_teacher_target,
     student_features,
 )
-from crosskd.teacher.calibration import HiddenStateStats
 
 
 def teacher_layer_groups(num_teacher_layers: int, num_groups: int) -> tuple[tuple[int, ...], ...]:
@@ -92,8 +92,7 @@ class _GroupMatcher(nn.Module):
         stats: HiddenStateStats,
         student_grad_weight: float,
     ) -> tuple[Tensor, Tensor]:
-        """Student features [P, H_s] and every expert's error against its own group [P, E], position 0 left out."""
-        pairs = pairs.without_window_start()
+        """Student features [P, H_s] and every expert's error against its own group [P, E] at the feature pairs."""
         student = student_features(student_hidden_states[self.student_layer], pairs, student_grad_weight)
         predictions = torch.stack([expert(student) for expert in self.experts], dim=1)  # [P, E, H_t]
         targets = torch.stack(

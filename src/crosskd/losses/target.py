@@ -68,6 +68,11 @@ class TopKTarget:
         """The target at the positions ``index``."""
         return select_positions(self, index)
 
+    @staticmethod
+    def concatenate(parts: list[TopKTarget]) -> TopKTarget:
+        """The positions of several top-k targets (chunks of one batch, in order) as one target."""
+        return TopKTarget(*(torch.cat(field) for field in zip(*((t.ids, t.logp, t.tail_logmass) for t in parts))))
+
     def as_support(self) -> MappedTarget:
         """The same target as a support for a student that shares the teacher's vocabulary."""
         return MappedTarget(self.ids, self.logp, torch.ones_like(self.ids, dtype=torch.bool), self.tail_logmass)
@@ -126,9 +131,8 @@ def teacher_topk(
         raise ValueError(f"k={k} must be between 1 and the number of valid teacher ids ({n_valid})")
     invalid = ~valid_mask.to(teacher_logits.device)
     row_chunks = list(chunk_slices(len(teacher_logits), chunk_size)) or [slice(0, 0)]
-    chunks = [_topk_of_chunk(teacher_logits[rows], k, invalid) for rows in row_chunks]
-    ids, logp, tail_logmass = (torch.cat(parts) for parts in zip(*chunks))
-    return TopKTarget(ids, logp, tail_logmass)
+    return TopKTarget.concatenate([TopKTarget(*_topk_of_chunk(teacher_logits[rows], k, invalid))
+                                   for rows in row_chunks])
 
 
 def temper_atoms(support_logp: Tensor, tail_logmass: Tensor, temperature: float) -> Tensor:

@@ -1,8 +1,8 @@
 """Load a teacher or a student by spec, validated for cross-tokenizer distillation.
 
 A spec is one of:
-- `tiny:teacher` / `tiny:student`: deterministic tiny random models (crosskd.testing.tiny_models), written once under
-  the cache dir;
+- `tiny:teacher` / `tiny:student`: deterministic tiny random models (registered by crosskd.testing.tiny_models),
+  written once under the cache dir;
 - `reference:teacher` / `reference:student`: the reference pair made by `crosskd setup-models`;
 - a path to a `.gguf` file (dequantised on load);
 - a local Hugging Face folder;
@@ -16,18 +16,24 @@ compute dtype; `LoadedModel.compute_dtype` is what its forward pass should autoc
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from crosskd.data.encoding import require_fast_tokenizer
 from crosskd.models.moe import is_moe_config
-from crosskd.models.vocab import VocabFacts, detect_vocab_facts, gguf_vocab_record, read_vocab_record
+from crosskd.models.reference import reference_model_dirs
+from crosskd.models.vocab import (
+    VocabFacts,
+    detect_vocab_facts,
+    gguf_vocab_record,
+    read_vocab_record,
+    require_fast_tokenizer,
+)
 
 ROLES = ("teacher", "student")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TINY_MODELS_SUBDIR = "tiny-v1"  # bump when crosskd.testing.tiny_models changes, so stale folders are not reused
 
 
 class ModelNotFoundError(OSError):
@@ -65,10 +71,11 @@ class LoadedModel:
 def resolve_spec(spec: str | os.PathLike) -> ModelSource:
     spec = str(spec)
     prefix, _, role = spec.partition(":")
-    if prefix in ("tiny", "reference") and role:
+    if prefix in NAMED_PAIRS and role:
         if role not in ROLES:
             raise ValueError(f"unknown model spec {spec!r}: use {prefix}:teacher or {prefix}:student")
-        return ModelSource(spec, str(_named_pair_dir(prefix, role)))
+        teacher_dir, student_dir = NAMED_PAIRS[prefix]()
+        return ModelSource(spec, str(teacher_dir if role == "teacher" else student_dir))
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(spec, str(path.parent.resolve()), gguf_file=path.name)
@@ -83,18 +90,18 @@ def resolve_spec(spec: str | os.PathLike) -> ModelSource:
     return ModelSource(spec, spec, is_local=False)
 
 
-def _named_pair_dir(prefix: str, role: str) -> Path:
-    from crosskd.models.cache import resolve_cache_dir
+def register_named_pair(prefix: str, folders: Callable[[], tuple[Path, Path]]) -> None:
+    """Make `<prefix>:teacher` and `<prefix>:student` load the (teacher, student) folders `folders()` returns."""
+    NAMED_PAIRS[prefix] = folders
 
-    if prefix == "reference":
-        from crosskd.models.reference import reference_model_dirs
 
-        pair = reference_model_dirs()
-        return pair.teacher_dir if role == "teacher" else pair.student_dir
-    from crosskd.testing.tiny_models import materialize_tiny_pair
+def _reference_folders() -> tuple[Path, Path]:
+    pair = reference_model_dirs()
+    return pair.teacher_dir, pair.student_dir
 
-    teacher_dir, student_dir = materialize_tiny_pair(resolve_cache_dir() / TINY_MODELS_SUBDIR)
-    return teacher_dir if role == "teacher" else student_dir
+
+# Named teacher/student pairs: `reference` (crosskd setup-models); crosskd.testing registers `tiny`.
+NAMED_PAIRS: dict[str, Callable[[], tuple[Path, Path]]] = {"reference": _reference_folders}
 
 
 def _from_pretrained(loader, source: ModelSource, **kwargs):

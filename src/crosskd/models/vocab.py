@@ -125,3 +125,12 @@ def detect_vocab_facts(tokenizer, logit_size: int, gguf_record: dict | None = No
             "GGUF unused type": len(gguf_unused),
         },
     )
+
+
+def require_fast_tokenizer(tokenizer, role: str = "tokenizer") -> None:
+    """Offsets are only available from fast (Rust) tokenizers; a slow one cannot be aligned."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"the {role} ({type(tokenizer).__name__}) is a slow tokenizer without offset mappings, which crosskd needs "
+            "to align tokens across vocabularies; load it with use_fast=True or convert it to a tokenizer.json"
+        )

@@ -2,7 +2,8 @@
 
 The writer runs the teacher over exactly the windows a configured run reads (its preparation windows when the
 projector is pre-fitted, the training budget, the held-out windows of the retention metrics), in the run's own
-micro-batches, through the same `OnlineTeacher` the trainer uses, and stores what the strategy reads (cache_format.py).
+micro-batches, through the same `OnlineTeacher` the trainer uses, and stores the parts of the signal the run's
+vocabulary transfer reads (its `TeacherNeeds`, cache_format.py).
 The reader serves `TeacherSignal`s from the memory-mapped shards, finding each window by its key, so a window that
 changed or was never cached is an error, never a wrong target. docs/CACHE.md has the format, sizes and exactness.
 """
@@ -12,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shlex
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,10 +24,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from crosskd.config import Config, load_config, require_cacheable_terms
+from crosskd.config import Config, require_cacheable_terms
 from crosskd.data.collate import DualBatch, collate_windows
+from crosskd.data.corpus import TrainingCorpus, windows_per_step
 from crosskd.data.sources import load_documents
 from crosskd.models.loading import load_model, load_tokenizer
+from crosskd.models.precision import MixedPrecision
 from crosskd.teacher.cache_format import (
     FORMAT_VERSION,
     INDEX_FILE,
@@ -43,9 +44,7 @@ from crosskd.teacher.cache_format import (
     window_keys,
     write_index,
 )
-from crosskd.teacher.online import OnlineTeacher, TeacherSignal
-from crosskd.train.corpus import TrainingCorpus, windows_per_step
-from crosskd.train.precision import MixedPrecision
+from crosskd.teacher.online import OnlineTeacher, TeacherNeeds, TeacherSignal
 
 DEFAULT_SHARD_MEGABYTES = 64
 WINDOW_BYTES = KEY_BYTES + 8  # a window's key and its row offset
@@ -72,11 +71,13 @@ class Budget:
         return vars(self).copy()
 
 
-def planned_batches(config: Config, corpus, teacher_pad_id: int, budget: Budget) -> Iterator[tuple[str, DualBatch]]:
+def planned_batches(config: Config, corpus, teacher_pad_id: int, budget: Budget,
+                    with_preparation: bool) -> Iterator[tuple[str, DualBatch]]:
     """(stage, micro-batch) for every micro-batch whose teacher signal the run reads, in the run's composition: the
-    stream cut into `batch_size` windows is exactly what the trainer's processes read, whatever their number."""
+    stream cut into `batch_size` windows is exactly what the trainer's processes read, whatever their number.
+    `with_preparation`: the run's vocabulary transfer is prepared (pre-fitted) on the preparation windows."""
     batch_size = config.training.batch_size
-    if config.objective.strategy == "projector":  # the projector is pre-fitted on these
+    if with_preparation:
         for batch in corpus.preparation_batches(batch_size, "cpu"):
             yield "preparation", batch
     stream = corpus.train_windows(start=0, process_index=0, num_processes=1, batch_size=batch_size)
@@ -179,9 +180,10 @@ def _cached_keys(cache_dir: Path, index: dict) -> set[bytes]:
     return keys
 
 
-def write_teacher_cache(config: Config, processes: int = 1, shard_megabytes: float = DEFAULT_SHARD_MEGABYTES,
-                        progress: bool = True) -> CacheSummary:
-    """Run the teacher over the windows `config`'s run reads and store its signal; resume an interrupted cache."""
+def write_teacher_cache(config: Config, needs: TeacherNeeds, with_preparation: bool, processes: int = 1,
+                        shard_megabytes: float = DEFAULT_SHARD_MEGABYTES, progress: bool = True) -> CacheSummary:
+    """Run the teacher over the windows `config`'s run reads and store the parts of its signal the run's vocabulary
+    transfer `needs` (with its preparation windows when `with_preparation`); resume an interrupted cache."""
     require_cacheable_terms(config)
     if processes < 1 or shard_megabytes <= 0:
         raise ValueError(f"processes ({processes}) must be at least 1 and shard_megabytes ({shard_megabytes}) positive")
@@ -196,12 +198,12 @@ def write_teacher_cache(config: Config, processes: int = 1, shard_megabytes: flo
     step_windows = windows_per_step(config.training, processes)
     budget = Budget(config.training.max_steps, config.training.epochs, step_windows,
                     corpus.optimizer_steps(config.training, step_windows) * step_windows)
-    layout = run_layout(config, teacher)
-    fingerprint = run_fingerprint(config, teacher, student_tokenizer,
+    layout = run_layout(config, needs, teacher)
+    fingerprint = run_fingerprint(config, needs, teacher, student_tokenizer,
                                   load_documents(config.data.source, text_field=config.data.text_field))
 
     def plan() -> Iterator[tuple[str, DualBatch]]:
-        return planned_batches(config, corpus, teacher.vocab.pad_id, budget)
+        return planned_batches(config, corpus, teacher.vocab.pad_id, budget, with_preparation)
 
     survey = _survey(plan())
     estimate = survey["positions"] * layout.bytes_per_row + survey["unique_windows"] * WINDOW_BYTES
@@ -233,7 +235,7 @@ def write_teacher_cache(config: Config, processes: int = 1, shard_megabytes: flo
 
     if not index["complete"]:
         source = OnlineTeacher(teacher.model, teacher.vocab.valid_mask, config.objective.kd_top_k,
-                               config.objective.chunk_size)
+                               config.objective.chunk_size, needs)
         seen = _cached_keys(cache_dir, index)
         bar = tqdm(total=survey["micro_batches"], initial=resumed_at, unit="batch", desc="teacher",
                    disable=not progress)
@@ -328,8 +330,8 @@ class CachedTeacher:
             os.close(descriptor)
 
 
-def open_teacher_cache(config: Config, teacher, student_tokenizer) -> CachedTeacher:
-    """The cache `config` names, after checking it was written for exactly this run's teacher signal."""
+def open_teacher_cache(config: Config, needs: TeacherNeeds, teacher, student_tokenizer) -> CachedTeacher:
+    """The cache `config` names, after checking it was written for exactly this run's teacher signal (`needs`)."""
     cache_dir = cache_dir_of(config)
     index = read_index(cache_dir)
     rerun = "Run `crosskd cache-teacher` with this run's config"
@@ -343,7 +345,7 @@ def open_teacher_cache(config: Config, teacher, student_tokenizer) -> CachedTeac
         done = index["shards"][-1]["micro_batches"][1] if index["shards"] else 0
         raise TeacherCacheError(f"the teacher cache {cache_dir} is incomplete ({done} of "
                                 f"{index['plan']['micro_batches']} micro-batches). {rerun} again: it resumes")
-    expected = run_fingerprint(config, teacher, student_tokenizer,
+    expected = run_fingerprint(config, needs, teacher, student_tokenizer,
                                load_documents(config.data.source, text_field=config.data.text_field))
     difference = fingerprint_difference(index["fingerprint"], expected)
     if difference:
@@ -371,18 +373,3 @@ def _require_budget(cached: Budget, config: Config, processes: int, cache_dir: P
                   f"written for max_steps={cached.max_steps}, epochs={cached.epochs} at {cached.windows_per_step}")
     raise TeacherCacheError(f"the teacher cache {cache_dir} does not cover this run: {reason}. Run `crosskd "
                             f"cache-teacher` with this run's config (--processes {processes})")
-
-
-def cli_cache_teacher(args) -> int:
-    config = load_config(args.config, args.overrides)
-    try:
-        summary = write_teacher_cache(config, processes=args.processes,
-                                      shard_megabytes=args.shard_megabytes or DEFAULT_SHARD_MEGABYTES)
-    except TeacherCacheError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(summary.describe())
-    train = ["crosskd", "train", args.config, *args.overrides, "teacher.source=cache",
-             f"teacher.cache_dir={summary.cache_dir}"]
-    print(f"train from it with: {shlex.join(train)}")
-    return 0

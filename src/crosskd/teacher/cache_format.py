@@ -5,10 +5,11 @@ each window is identified by a key (a hash of its teacher tokens and of the teac
 everything the stored rows are a function of), and its rows (one per aligned pair, in the batch's pair order) are
 `window_offsets[w] : window_offsets[w + 1]` of the shard's row tensors.
 
-Stored per aligned pair, depending on what the strategy reads (docs/CACHE.md has the reasons and the sizes):
-- `topk` (first-token, uld): the teacher's top-k ids, exact (low 16 bits as uint16, the bits above packed into
-  uint8), their τ=1 log-probabilities (fp16) and the log tail mass (fp16): `TopKTarget` of docs/OBJECTIVE.md;
-- `final_hidden` (projector): the teacher's final hidden state (fp16).
+Stored per aligned pair: the parts of the signal the run's vocabulary transfer reads (its `TeacherNeeds`; docs/CACHE.md
+has the reasons and the sizes):
+- `topk`: the teacher's top-k ids, exact (low 16 bits as uint16, the bits above packed into uint8), their τ=1
+  log-probabilities (fp16) and the log tail mass (fp16): `TopKTarget` of docs/OBJECTIVE.md;
+- `final_hidden`: the teacher's final hidden state (fp16).
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from crosskd.config import Config, ObjectiveConfig
+from crosskd.config import Config
 from crosskd.data.collate import DualBatch
 from crosskd.data.sources import Document
 from crosskd.losses.target import TopKTarget
-from crosskd.teacher.online import TeacherSignal
-from crosskd.vocab.first_token import tokenizer_hash
+from crosskd.teacher.online import TeacherNeeds, TeacherSignal
+from crosskd.models.fingerprints import documents_hash, tokenizer_hash, valid_ids_hash, weights_hash
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
@@ -40,14 +41,6 @@ LOW_ID_BITS = 16
 FP16_RELATIVE_ROUNDING = 2.0**-11
 FP16_ABSOLUTE_ROUNDING = 2.0**-25
 FP16_MAX = float(torch.finfo(torch.float16).max)
-
-
-def stored_signal(objective: ObjectiveConfig) -> str:
-    """What the objective reads from the teacher: the projector on its default features maps final hidden states,
-    everything else (the projector on top-k embeddings included) the top-k."""
-    if objective.strategy == "projector" and objective.projector_features == "final_hidden":
-        return "final_hidden"
-    return "topk"
 
 
 def cache_dir_of(config: Config) -> Path:
@@ -84,10 +77,14 @@ def window_keys(batch: DualBatch) -> list[bytes]:
 
 @dataclass(frozen=True)
 class CacheLayout:
-    signal: str  # "topk" | "final_hidden"
+    signal: str  # the stored parts of the signal (`TeacherNeeds.parts`) joined by "+", e.g. "topk"
     top_k: int
     teacher_logit_size: int
     hidden_size: int
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return tuple(self.signal.split("+"))
 
     @property
     def id_high_bits(self) -> int:
@@ -104,9 +101,9 @@ class CacheLayout:
 
     @property
     def bytes_per_row(self) -> int:
-        if self.signal == "final_hidden":
-            return 2 * self.hidden_size
-        return 2 * self.top_k + self.high_bytes_per_row + 2 * self.top_k + 2  # ids, high id bits, log-probs, tail
+        sizes = {"final_hidden": 2 * self.hidden_size,
+                 "topk": 2 * self.top_k + self.high_bytes_per_row + 2 * self.top_k + 2}  # ids, high bits, logp, tail
+        return sum(sizes[part] for part in self.parts)
 
     def to_dict(self) -> dict:
         return {"signal": self.signal, "top_k": self.top_k, "teacher_logit_size": self.teacher_logit_size,
@@ -114,20 +111,21 @@ class CacheLayout:
 
     def encode(self, signal: TeacherSignal) -> dict[str, Tensor]:
         """The rows to store for `signal` (all its aligned pairs), on the CPU."""
-        if self.signal == "final_hidden":
+        rows: dict[str, Tensor] = {}
+        if "final_hidden" in self.parts:
             hidden = signal.final_hidden.detach().float().cpu()
             largest = hidden.abs().max().item() if hidden.numel() else 0.0
             if not largest <= FP16_MAX:
                 raise ValueError(f"a teacher final hidden state reaches {largest:.4g}, beyond fp16's range "
-                                 f"(±{FP16_MAX:.0f}); this teacher cannot be cached for the projector strategy, "
-                                 "train it with teacher.source=online")
-            return {"final_hidden": hidden.half()}
-        topk = signal.topk
-        return {
-            **self._pack_ids(topk.ids.cpu()),
-            "topk_logp": topk.logp.detach().cpu().half(),
-            "tail_logmass": topk.tail_logmass.detach().cpu().half(),
-        }
+                                 f"(±{FP16_MAX:.0f}); this teacher's final hidden states cannot be cached, train "
+                                 "with teacher.source=online")
+            rows["final_hidden"] = hidden.half()
+        if "topk" in self.parts:
+            topk = signal.topk
+            rows.update(self._pack_ids(topk.ids.cpu()))
+            rows["topk_logp"] = topk.logp.detach().cpu().half()
+            rows["tail_logmass"] = topk.tail_logmass.detach().cpu().half()
+        return rows
 
     def encode_empty(self) -> dict[str, Tensor]:
         """Zero rows of every stored tensor: their names, dtypes and row shapes."""
@@ -135,15 +133,17 @@ class CacheLayout:
         return self.encode(TeacherSignal(topk=no_rows, final_hidden=torch.zeros(0, self.hidden_size)))
 
     def decode(self, rows: dict[str, Tensor], device) -> TeacherSignal:
-        """The `TeacherSignal` of stored rows. A part the strategy does not read is not stored and comes back None."""
-        if self.signal == "final_hidden":
-            return TeacherSignal(topk=None, final_hidden=rows["final_hidden"].to(device).float())
-        topk = TopKTarget(
-            ids=self._unpack_ids(rows).to(device),
-            logp=rows["topk_logp"].to(device).float(),
-            tail_logmass=rows["tail_logmass"].to(device).float(),
-        )
-        return TeacherSignal(topk=topk, final_hidden=None)
+        """The `TeacherSignal` of stored rows; the parts that are not stored come back None."""
+        signal = TeacherSignal()
+        if "final_hidden" in self.parts:
+            signal.final_hidden = rows["final_hidden"].to(device).float()
+        if "topk" in self.parts:
+            signal.topk = TopKTarget(
+                ids=self._unpack_ids(rows).to(device),
+                logp=rows["topk_logp"].to(device).float(),
+                tail_logmass=rows["tail_logmass"].to(device).float(),
+            )
+        return signal
 
     def _pack_ids(self, ids: Tensor) -> dict[str, Tensor]:
         packed = {"topk_ids_low": (ids & 0xFFFF).to(torch.int32).to(torch.uint16)}
@@ -173,26 +173,6 @@ class CacheLayout:
 # The fingerprint: what must be equal for a cache to serve a run exactly
 
 
-def weights_hash(model: torch.nn.Module) -> str:
-    """A cheap but identifying hash of a model: every tensor's name, shape and dtype, and 4096 values sampled across
-    it (a fine-tuned or re-quantised model differs in nearly every value, so a strided sample finds it)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        flat = tensor.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)][:4096].float().cpu()
-        digest.update(f"{name}:{list(tensor.shape)}:{tensor.dtype}\n".encode())
-        digest.update(sample.numpy().tobytes())
-    return digest.hexdigest()
-
-
-def documents_hash(documents: list[Document]) -> str:
-    digest = hashlib.sha256()
-    for document in sorted(documents, key=lambda d: d.name):
-        digest.update(f"{len(document.name)}:{document.name}:{len(document.text)}:".encode())
-        digest.update(document.text.encode("utf-8", errors="surrogatepass"))
-    return digest.hexdigest()
-
-
 DATA_KEYS = ("source", "text_field", "window_tokens", "heldout_documents", "eval_fraction", "eval_max_chars", "seed")
 # Fingerprint fields that must be equal, each with what changes it. Fields named like config keys are those keys.
 FINGERPRINT_FIELDS = {
@@ -206,32 +186,36 @@ FINGERPRINT_FIELDS = {
     **{f"data.{key}": f"data.{key}" for key in DATA_KEYS},
     "training.mixed_precision": "training.mixed_precision (the teacher runs under the run's autocast)",
     "objective.kd_top_k": "objective.kd_top_k",
-    "signal": "objective.strategy and objective.projector_features (the projector on final_hidden reads final hidden "
-              "states, everything else the top-k)",
+    "signal": "objective.strategy and its options (what the vocabulary transfer reads of the teacher)",
 }
 
 
-def run_fingerprint(config: Config, teacher, student_tokenizer, documents: list[Document]) -> dict:
-    """The fingerprint of the teacher signal a run reads. `teacher` is a loaded teacher (crosskd.models.loading)."""
+def run_fingerprint(config: Config, needs: TeacherNeeds, teacher, student_tokenizer, documents: list[Document]) -> dict:
+    """The fingerprint of the teacher signal a run reads (`needs`, of its vocabulary transfer). `teacher` is a loaded
+    teacher (crosskd.models.loading)."""
     return {
         "format": FORMAT_VERSION,
         "teacher": config.models.teacher,  # informative only: a moved folder is the same teacher
         "teacher_weights": weights_hash(teacher.model),
         "models.teacher_dtype": config.models.teacher_dtype,
         "teacher_tokenizer": tokenizer_hash(teacher.tokenizer),
-        "teacher_valid_ids": hashlib.sha256(teacher.vocab.valid_mask.numpy().tobytes()).hexdigest(),
+        "teacher_valid_ids": valid_ids_hash(teacher.vocab.valid_mask),
         "student_tokenizer": tokenizer_hash(student_tokenizer),
         "corpus_text": documents_hash(documents),
         **{f"data.{key}": getattr(config.data, key) for key in DATA_KEYS},
         "training.mixed_precision": config.training.mixed_precision,
         "objective.kd_top_k": config.objective.kd_top_k,
-        "signal": stored_signal(config.objective),
-        "strategy": config.objective.strategy,  # informative only: first-token and uld read the same top-k
+        "signal": layout_signal(needs),
+        "strategy": config.objective.strategy,  # informative only: transfers that read the same parts share a cache
     }
 
 
-def run_layout(config: Config, teacher) -> CacheLayout:
-    return CacheLayout(signal=stored_signal(config.objective), top_k=config.objective.kd_top_k,
+def layout_signal(needs: TeacherNeeds) -> str:
+    return "+".join(needs.parts)
+
+
+def run_layout(config: Config, needs: TeacherNeeds, teacher) -> CacheLayout:
+    return CacheLayout(signal=layout_signal(needs), top_k=config.objective.kd_top_k,
                        teacher_logit_size=teacher.vocab.logit_size,
                        hidden_size=teacher.model.config.hidden_size)
 

@@ -1,4 +1,5 @@
-"""The teacher signal computed online: one frozen forward per batch, reduced at once to what the objective needs.
+"""The teacher signal computed online: one frozen forward per batch, reduced at once to what the vocabulary transfer
+needs (`TeacherNeeds`).
 
 The teacher's logits are never materialised for the whole batch: its final hidden states are gathered at the aligned
 positions and pushed through its output layer a chunk at a time, keeping only the top-k at τ=1 (losses/target.py).
@@ -7,7 +8,7 @@ A cached teacher (teacher/cache.py) serves the same `TeacherSignal`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -17,10 +18,25 @@ from crosskd.losses.target import TopKTarget, teacher_topk
 from crosskd.models.moe import expert_usage_entropy, is_moe_config
 
 
+@dataclass(frozen=True)
+class TeacherNeeds:
+    """What a vocabulary transfer reads of the teacher at the aligned pairs (`VocabularyTransfer.teacher_needs`): the
+    online teacher computes, and a cache stores, only these parts of the `TeacherSignal`."""
+
+    topk: bool = False
+    final_hidden: bool = False
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The `TeacherSignal` fields these needs name, in declaration order."""
+        return tuple(field.name for field in fields(self) if getattr(self, field.name))
+
+
 @dataclass
 class TeacherSignal:
-    topk: TopKTarget  # the teacher's top-k at τ=1 and tail mass, at the aligned pairs, in the teacher's vocabulary
-    final_hidden: Tensor  # [P, H_t] the teacher's last hidden state (after its final norm) at the aligned pairs
+    # The teacher's top-k at τ=1 and tail mass, at the aligned pairs, in the teacher's vocabulary.
+    topk: TopKTarget | None = None
+    final_hidden: Tensor | None = None  # [P, H_t] its last hidden state (after its final norm) at the aligned pairs
     hidden_states: tuple[Tensor, ...] | None = None  # every layer [B, M, H_t], when a feature term needs them
     attentions: tuple[Tensor, ...] | None = None  # [B, heads, M, M] per layer, when attention alignment is on
     # An MoE teacher's per-layer expert-usage entropy over the batch's real tokens, in [0, 1] (1: experts used evenly);
@@ -29,8 +45,9 @@ class TeacherSignal:
 
 
 class OnlineTeacher:
-    def __init__(self, model, valid_mask: Tensor, top_k: int, chunk_size: int):
+    def __init__(self, model, valid_mask: Tensor, top_k: int, chunk_size: int, needs: TeacherNeeds):
         self.model = model
+        self.needs = needs
         self.valid_mask = valid_mask
         self.top_k = top_k
         self.chunk_size = chunk_size
@@ -46,19 +63,18 @@ class OnlineTeacher:
             **({"output_router_logits": True} if self.moe_top_k else {}),
         )
         final = outputs.last_hidden_state[batch.pair_batch, batch.pair_teacher_pos]
-        head = self.model.get_output_embeddings()
-        valid_mask = self.valid_mask.to(final.device)
-        chunks = [
-            teacher_topk(head(final[rows]).float(), self.top_k, valid_mask)
-            for rows in chunk_slices(final.shape[0], self.chunk_size)
-        ]
-        ids, logp, tail_logmass = (torch.cat(part) for part in zip(*((c.ids, c.logp, c.tail_logmass) for c in chunks)))
         return TeacherSignal(
-            topk=TopKTarget(ids, logp, tail_logmass),
-            final_hidden=final,
+            topk=self._topk(final) if self.needs.topk else None,
+            final_hidden=final if self.needs.final_hidden else None,
             hidden_states=outputs.hidden_states if hidden_states else None,
             attentions=outputs.attentions if attentions else None,
             expert_usage_entropy=(expert_usage_entropy(outputs.router_logits, self.moe_top_k,
                                                        batch.teacher_attention_mask)
                                   if self.moe_top_k else None),
         )
+
+    def _topk(self, final: Tensor) -> TopKTarget:
+        head = self.model.get_output_embeddings()
+        valid_mask = self.valid_mask.to(final.device)
+        return TopKTarget.concatenate([teacher_topk(head(final[rows]).float(), self.top_k, valid_mask, self.chunk_size)
+                                       for rows in chunk_slices(final.shape[0], self.chunk_size)])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from crosskd.data.encoding import token_bytes_table
+
 # Pieces real corpora are made of and tokenizers disagree on: code, whitespace runs, CRLF, CJK, emoji (with
 # modifiers and ZWJ sequences), combining marks and the literal text of a special token.
 TRICKY_FRAGMENTS = (
@@ -35,7 +37,6 @@ def mixed_texts(max_size: int = 40):
 def assert_exact_byte_spans(tokenizer, text: str, encoded) -> None:
     """Check an EncodedText against its text: contiguous spans covering the UTF-8 bytes, each holding its token's
     bytes (the space a Metaspace tokenizer prepends to the text being the one byte not in the text)."""
-    from crosskd.data.encoding import token_bytes_table
 
     data = text.encode("utf-8")
     assert len(encoded.ids) == len(encoded.byte_starts) == len(encoded.byte_ends)

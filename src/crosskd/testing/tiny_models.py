@@ -20,7 +20,11 @@ import torch
 from tokenizers import Tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
+from crosskd.models.cache import resolve_cache_dir
+from crosskd.models.loading import register_named_pair
 from crosskd.testing.tiny_tokenizers import byte_level_bpe
+
+TINY_MODELS_SUBDIR = "tiny-v1"  # bump when this module changes, so stale folders are not reused
 
 STUDENT_VOCAB = 300
 TEACHER_VOCAB = 700
@@ -123,3 +127,7 @@ def materialize_tiny_pair(root: str | os.PathLike) -> tuple[Path, Path]:
         except OSError:  # a concurrent run got there first; its folder is identical (deterministic build)
             shutil.rmtree(staging, ignore_errors=True)
     return teacher_dir, student_dir
+
+
+# `tiny:teacher` / `tiny:student`: written once under the crosskd cache dir.
+register_named_pair("tiny", lambda: materialize_tiny_pair(resolve_cache_dir() / TINY_MODELS_SUBDIR))

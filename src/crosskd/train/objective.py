@@ -2,104 +2,59 @@
 
 Terms come back as sums over positions (per-token terms) or per-micro-batch values (batch-statistic terms);
 `combine` divides the per-token sums by the valid-position counts of the WHOLE optimizer step (every micro-batch,
-every process), so gradient accumulation and data parallelism give the same gradient as one large batch. Batch-
-statistic terms cannot be made equivalent; each micro-batch's value is averaged over micro-batches and processes.
+every process; `crosskd.losses.selection.step_counts`), so gradient accumulation and data parallelism give the same
+gradient as one large batch. Batch-statistic terms cannot be made equivalent; each micro-batch's value is averaged
+over micro-batches and processes.
+
+The vocabulary transfer (`objective.strategy`, a class of the registry in crosskd.vocab.transfer) supplies the KD
+target and its per-chunk loss, the pairs it trains on, its preparation, extra terms and parameters; this module runs
+the fused LM + KD chunk loop over them and adds the intermediate-layer terms.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from crosskd.config import Config
+from crosskd.data.collate import DualBatch
+from crosskd.losses import calibration
 from crosskd.losses.attention import attention_alignment_loss, attention_layer_pairs
+from crosskd.losses.calibration import HiddenStateStats
 from crosskd.losses.contrastive import ContrastiveMatcher
 from crosskd.losses.divergences import get_divergence
-from crosskd.losses.features import AlignedPairs
 from crosskd.losses.layerwise import LayerwiseMatcher
-from crosskd.losses.lm import LossSums, chunked_cross_entropy, chunked_lm_and_kd
-from crosskd.losses.target import MappedTarget, StudentGroups, support_atoms
+from crosskd.losses.lm import chunked_cross_entropy, fused_chunked_losses, student_forward_kwargs
 from crosskd.losses.router import DenseGroupMatcher, StudentAwareRouter, default_student_layer
+from crosskd.losses.selection import PositionSelection, select_positions, step_counts
+from crosskd.losses.target import support_atoms
+from crosskd.losses.terms import PER_BATCH, PER_TOKEN, Term
 from crosskd.schedules import ScheduleSettings
-from crosskd.teacher import calibration
 from crosskd.teacher.cache import open_teacher_cache
 from crosskd.teacher.online import OnlineTeacher, TeacherSignal
-from crosskd.vocab.first_token import (
-    first_token_kd_pairs,
-    load_or_build_first_token_map,
-    load_or_build_student_groups,
-    push_topk_through_map,
-)
-from crosskd.vocab.projector import (
-    AnchorData,
-    LogitProjector,
-    anchor_loss,
-    least_squares_init,
-    prefit_projector,
-    projected_target,
-    topk_embedding_features,
-    without_sink,
-)
-from crosskd.vocab.uld import chunked_lm_and_uld
-
-PER_TOKEN = "per-token"
-PER_BATCH = "per-batch"
-
-
-@dataclass
-class Term:
-    value: Tensor  # a sum over positions (PER_TOKEN) or a micro-batch value (PER_BATCH)
-    kind: str
-    count_key: str | None = None  # which position count normalises it
-    weight_key: str | None = None  # which schedule weight multiplies it (None: 1)
-
-
-def schedule_settings(config: Config) -> ScheduleSettings:
-    """The schedule of this run: config values, with terms that are switched off at weight 0."""
-    router = config.router
-    on = router.enabled
-    return ScheduleSettings(
-        kd_alpha=config.objective.kd_alpha,
-        kd_warmup_start=config.schedule.kd_warmup_start,
-        kd_warmup_end_progress=config.schedule.kd_warmup_end_progress,
-        temperature_start=config.schedule.temperature_start,
-        temperature_end=config.schedule.temperature_end,
-        use_curriculum=config.schedule.use_curriculum,
-        feature_alpha=router.feature_alpha if on else 0.0,
-        attention_alpha=router.attention_alpha if on else 0.0,
-        layerwise_alpha=router.layerwise_alpha if on else 0.0,
-        contrastive_alpha=router.contrastive_alpha if on else 0.0,
-        load_balance_alpha=router.load_balance_alpha if on else 0.0,
-        importance_alpha=router.importance_alpha if on else 0.0,
-    )
+from crosskd.vocab.transfer import ParameterGroup, VocabularyTransfer, transfer_class
 
 
 @dataclass(frozen=True)
-class PrefitPairs:
-    """The aligned pairs of the projector's pre-fit batches."""
+class CombinedLoss:
+    """A micro-batch's share of the step loss, with its components: `weighted` (they add up to `total`) and `raw`
+    (each term before its weight: what a head optimises, or KD before τ²); both are this process's shares."""
 
-    teacher_features: Tensor  # [P, D_t] what the projector reads of the teacher (`_teacher_features`)
-    after_sink: Tensor  # bool [P] the teacher position is not window position 0
-    target_ids: Tensor  # [P] the true next student token
-    student_hidden: Tensor  # [P, D_s] the student's final hidden state
-    student_nll: float  # the frozen student's own mean NLL of the true next tokens
-
-
-@dataclass(frozen=True)
-class ProjectorInputs:
-    """What the projector reads at a micro-batch's KD pairs, computed once for both its KD target and its anchor."""
-
-    teacher_features: Tensor  # [P, D_t] window position 0 at the fitted mean
-    student_rows: Tensor | None  # [P, D_s] the student's final hidden state (the residual projector only)
+    total: Tensor
+    weighted: dict[str, float]
+    raw: dict[str, float]
 
 
 class DistillationObjective(nn.Module):
-    """Holds the trainable parts of the objective (projector, heads) and computes every term of a micro-batch.
+    """Holds the trainable parts of the objective (the transfer's modules, the feature heads) and computes every term
+    of a micro-batch from the teacher signal and the student's outputs.
 
     The teacher and the student are deliberately not submodules: the student is prepared by accelerate on its own,
-    and the frozen teacher must not be wrapped for data parallelism or saved in checkpoints.
+    and the frozen teacher must not be wrapped for data parallelism or saved in checkpoints. The training loop runs
+    both forwards itself and hands their results to `forward`; pre-fit and retention run the plain student.
     """
 
     def __init__(self, config: Config, teacher, student, settings: ScheduleSettings):
@@ -107,45 +62,20 @@ class DistillationObjective(nn.Module):
         objective = config.objective
         self.config = config
         self.settings = settings
-        self.strategy = objective.strategy
         self.lm_alpha = objective.lm_alpha
         self.chunk_size = objective.chunk_size
-        self.scale_by_t2 = objective.scale_by_t2
-        self.exclude_mismatch = objective.mismatch_policy == "exclude"
-        self._student = [student]  # a list hides it from nn.Module registration
-        self._student_forward = [student.model]  # replaced by the data-parallel wrapper in use_student_forward
-        self._teacher_source = (
-            open_teacher_cache(config, teacher, student.tokenizer) if config.teacher.source == "cache"
-            else OnlineTeacher(teacher.model, teacher.vocab.valid_mask, objective.kd_top_k, objective.chunk_size)
+        self._student = [student.model]  # a list hides it from nn.Module registration
+        transfer_type = transfer_class(objective)
+        needs = transfer_type.teacher_needs(objective)
+        self.teacher_source = (
+            open_teacher_cache(config, needs, teacher, student.tokenizer) if config.teacher.source == "cache"
+            else OnlineTeacher(teacher.model, teacher.vocab.valid_mask, objective.kd_top_k, objective.chunk_size, needs)
         )
-        divergence_name = objective.divergence or "forward_kl"
-        self.divergence = None if self.strategy == "uld" else get_divergence(divergence_name,
-                                                                              **objective.divergence_params)
-        self.top_k = objective.kd_top_k
-        self.projector = None
-        # The first-token map is the first-token strategy's transfer, and for the others it still serves the
-        # knowledge-retention metrics (agreement with the mapped teacher).
-        token_map = load_or_build_first_token_map(student.tokenizer, teacher.tokenizer, teacher.vocab.valid_mask,
-                                                  student.vocab.logit_size)
-        teacher_to_student = token_map.teacher_to_student
-        # `merge`: student tokens that run past the teacher's token share one atom with it (docs/VOCAB.md), so the
-        # teacher's mass lands on group roots and the student's atoms pool their groups.
-        self.student_groups = None
-        if self.strategy == "first-token" and objective.mismatch_policy == "merge":
-            self.student_groups = load_or_build_student_groups(student.tokenizer, teacher.tokenizer,
-                                                               student.vocab.logit_size)
-            teacher_to_student = self.student_groups.root_of(teacher_to_student)
-        self.register_buffer("teacher_to_student", teacher_to_student, persistent=False)
-        if self.strategy == "projector":
-            self.projector = LogitProjector(teacher.model.config.hidden_size, student.model.config.hidden_size,
-                                            residual=objective.projector_residual)
-            self.anchor_alpha = objective.projector_anchor_alpha
-            self.projector_features = objective.projector_features
-            # Frozen and not ours: a list keeps it out of the module's parameters and checkpoints.
-            self._teacher_embedding = [teacher.model.get_output_embeddings().weight]
+        # Built before the feature heads: module creation order is the order the random initialisations are drawn.
+        self.transfer: VocabularyTransfer = transfer_type(config, teacher, student)
+        for name, module in self.transfer.modules().items():
+            self.add_module(name, module)  # checkpoint keys `objective.<name>.*`
         self._build_feature_heads(config, teacher.model, student.model)
-        self.last_raw: dict[str, float] = {}
-        self.prefit_report = None
         self._diagnostics: dict[str, float] = {}
         self._teacher_diagnostics: dict[str, float] = {}
 
@@ -174,7 +104,13 @@ class DistillationObjective(nn.Module):
             # Attention weights exist only in the eager implementation (sdpa/flash never build them).
             for model in (teacher_model, student_model):
                 model.set_attn_implementation("eager")
-        self.stats: calibration.HiddenStateStats | None = None
+        self.stats: HiddenStateStats | None = None
+
+    @property
+    def student_model(self) -> nn.Module:
+        """The plain student model (not the data-parallel wrapper): its output embedding is the LM head the losses
+        read, and pre-fit and retention run it."""
+        return self._student[0]
 
     @property
     def heads(self) -> list[nn.Module]:
@@ -191,56 +127,43 @@ class DistillationObjective(nn.Module):
         return tuple(sorted(layers))
 
     # --- parameters ---------------------------------------------------------------------------------------------------
-    def head_parameters(self) -> list[nn.Parameter]:
-        return [p for head in self.heads for p in head.parameters()]
-
-    def projector_parameters(self) -> list[nn.Parameter]:
-        return list(self.projector.parameters()) if self.projector is not None else []
+    def parameter_groups(self) -> list[ParameterGroup]:
+        """The objective's trainable parameters by learning-rate group: the feature heads, then the transfer's."""
+        heads = ParameterGroup("heads", [p for head in self.heads for p in head.parameters()],
+                               self.config.optimizer.heads_lr_multiplier)
+        return [heads, *self.transfer.parameter_groups()]
 
     def all_trainable(self, student_model: nn.Module) -> list[nn.Parameter]:
         return [p for p in student_model.parameters() if p.requires_grad] + [
             p for p in self.parameters() if p.requires_grad
         ]
 
+    # --- preparation --------------------------------------------------------------------------------------------------
     @property
     def needs_preparation(self) -> bool:
-        return self.projector is not None or bool(self.heads)
+        return self.transfer.needs_preparation or bool(self.heads)
 
-    def prepare(self, batches: list, device, stats_path, resuming: bool) -> None:
-        """Fit what must be sane before the first step, on training batches the loop does not start with.
+    def prepare(self, batches: list, device, stats_path: Path, resuming: bool) -> str | None:
+        """Fit what must be sane before the first step, on training batches the loop does not start with; returns
+        the transfer's line for the log (None when it has none or the run resumes).
 
-        The teacher's hidden-state statistics (for the feature terms) are estimated once and stored with the run.
-        The projector's feature standardisation is fitted, then the projector is pre-fitted with the student frozen
-        (a random plain projector gives a confident random target, ~17 nats of KL at step 0; the residual one starts
-        as the student and must learn what the teacher adds before it teaches anything). A resumed
-        run reads the statistics back and gets the projector from its checkpoint.
+        The teacher's hidden-state statistics (for the feature terms) are estimated once and stored with the run;
+        then the transfer prepares itself (the projector's pre-fit). A resumed run reads the statistics back and
+        gets the transfer's parameters from its checkpoint.
         """
         if self.heads:
             if stats_path.is_file():
-                self.stats = calibration.HiddenStateStats.load(stats_path)
+                self.stats = HiddenStateStats.load(stats_path)
             else:
                 self.stats = calibration.estimate(
-                    ((self._teacher_source.signal(b, hidden_states=True).hidden_states, b.teacher_attention_mask)
+                    ((self.teacher_source.signal(b, hidden_states=True).hidden_states, b.teacher_attention_mask)
                      for b in self._calibration_batches(batches)),
                     self._calibration_layers(),
                 )
                 self.stats.save(stats_path)
-        if self.projector is None or resuming:
-            return
-        self.projector.to(device)
-        # Three quarters fit, one quarter decides when to stop (a tiny corpus with one batch uses it for both).
-        split = max(1, (3 * len(batches)) // 4)
-        fit, check = self._prefit_pairs(batches[:split]), self._prefit_pairs(batches[split:] or batches[:split])
-        # Statistics from the pairs after window position 0 (the attention sink, see `without_sink`).
-        self.projector.fit_standardisation(fit.teacher_features[fit.after_sink] if fit.after_sink.any()
-                                           else fit.teacher_features)
-        train, heldout = (self._anchor_view(pairs) for pairs in (fit, check))
-        if not self.projector.residual:
-            least_squares_init(self.projector, train.teacher_features, fit.student_hidden)
-        embedding = self._student[0].model.get_output_embeddings().weight
-        self.prefit_report = prefit_projector(self.projector, embedding, train, heldout, check.student_nll,
-                                              max_steps=self.config.objective.projector_prefit_steps,
-                                              chunk_size=self.chunk_size)
+        if not self.transfer.needs_preparation or resuming:
+            return None
+        return self.transfer.prepare(batches, self.teacher_source.signal, self.student_model, device)
 
     def _calibration_batches(self, batches: list) -> list:
         """The first batches holding at least `router.calibration_windows` windows."""
@@ -252,144 +175,73 @@ class DistillationObjective(nn.Module):
             windows += len(batch.student_input_ids)
         return taken
 
-    def _anchor_view(self, pairs: PrefitPairs) -> AnchorData:
-        """What the projector reads of the pre-fit pairs: the residual one also takes the student's final state."""
-        features = without_sink(pairs.teacher_features, pairs.after_sink, self.projector.feature_mean)
-        return AnchorData(features, pairs.target_ids, pairs.student_hidden if self.projector.residual else None)
-
-    @torch.no_grad()
-    def _prefit_pairs(self, batches) -> PrefitPairs:
-        model = self._student[0].model
-        features, targets, hidden_rows, nll, after_sink = [], [], [], [], []
-        for batch in batches:
-            signal = self._teacher_source.signal(batch)
-            hidden = self._student_outputs(batch).hidden_states[-1]
-            rows = hidden[batch.pair_batch, batch.pair_student_pos]
-            next_ids = batch.student_targets[batch.pair_batch, batch.pair_student_pos]
-            logits = model.get_output_embeddings()(rows).float()
-            nll.append(torch.nn.functional.cross_entropy(logits, next_ids, reduction="none"))
-            features.append(self._teacher_features(signal))
-            targets.append(next_ids)
-            hidden_rows.append(rows.float())
-            after_sink.append(batch.pair_teacher_pos > 0)
-        return PrefitPairs(*(torch.cat(parts) for parts in (features, after_sink, targets, hidden_rows)),
-                           torch.cat(nll).mean().item())
-
-    def _teacher_features(self, signal: TeacherSignal, rows: Tensor | slice = slice(None)) -> Tensor:
-        """What the projector reads of the teacher at the selected pairs (`objective.projector_features`), float32."""
-        if self.projector_features == "final_hidden":
-            return signal.final_hidden[rows].float()
-        return topk_embedding_features(signal.topk.select(rows), self._teacher_embedding[0])
-
-    def _projector_inputs(self, signal: TeacherSignal, batch, mask: Tensor, student_rows: Tensor) -> ProjectorInputs:
-        """The projector's inputs at the selected pairs; `student_rows` is the student's final state there."""
-        features = without_sink(self._teacher_features(signal, mask), (batch.pair_teacher_pos > 0)[mask],
-                                self.projector.feature_mean)
-        return ProjectorInputs(features, student_rows if self.projector.residual else None)
-
     def diagnostics(self) -> dict[str, float]:
         """Router health for the logs (each expert's token share, gate entropy, each group's error) and an MoE
         teacher's expert-usage entropy (lowest and mean over its layers) on the last micro-batch."""
         return {**self._diagnostics, **self._teacher_diagnostics}
 
-    # --- counting -----------------------------------------------------------------------------------------------------
-    def kd_pair_mask(self, batch) -> Tensor:
-        """Aligned pairs that enter KD: where the student's next token runs past the teacher's, the first-token target
-        cannot give the true student token any probability, so with the `exclude` policy those pairs are left out."""
-        if self.strategy == "first-token" and self.exclude_mismatch:
-            return first_token_kd_pairs(batch.pair_student_next_bytes, batch.pair_teacher_next_bytes)
-        return torch.ones_like(batch.pair_batch, dtype=torch.bool)
+    # --- one micro-batch ----------------------------------------------------------------------------------------------
+    def select(self, batch: DualBatch) -> PositionSelection:
+        """The positions every term of `batch` trains on (and the step's counts are made of)."""
+        return select_positions(batch, self.transfer.kd_pairs(batch))
 
-    def count_positions(self, micro_batches, accelerator) -> dict[str, Tensor]:
-        """Valid positions of each per-token term over the whole step: every micro-batch on every process."""
-        device = micro_batches[0].student_input_ids.device
-        counts = {
-            "lm": sum((b.student_targets != -100).sum() for b in micro_batches),
-            "kd": sum(self.kd_pair_mask(b).sum() for b in micro_batches),
-            # The feature terms leave window position 0 out on both sides (the attention sink).
-            "features": sum(((b.pair_student_pos > 0) & (b.pair_teacher_pos > 0)).sum() for b in micro_batches),
-        }
-        counts = {name: torch.as_tensor(value, dtype=torch.float64, device=device) for name, value in counts.items()}
-        if accelerator is not None and accelerator.num_processes > 1:
-            counts = {name: accelerator.reduce(value, reduction="sum") for name, value in counts.items()}
-        return counts
+    @property
+    def lm_only(self) -> bool:
+        """Plain fine-tuning (kd_alpha 0, no extra or feature terms): the teacher is not run during training."""
+        return self.settings.kd_alpha == 0 and not self.transfer.extra_term_names and not self.uses_hidden_states
 
-    # --- the terms ----------------------------------------------------------------------------------------------------
-    def _wants_attentions(self, weights: dict[str, float]) -> bool:
+    def wants_attentions(self, weights: dict[str, float]) -> bool:
         """Attention maps are requested only while the attention term's weight is non-zero (they cost memory)."""
         return bool(self.attention_layer_pairs) and weights["attention"] > 0
 
-    def _teacher_signal(self, batch, weights: dict[str, float]) -> TeacherSignal:
-        signal = self._teacher_source.signal(batch, hidden_states=self.uses_hidden_states,
-                                             attentions=self._wants_attentions(weights))
+    def teacher_signal(self, batch: DualBatch, weights: dict[str, float]) -> TeacherSignal:
+        """The teacher's signal at the batch's aligned pairs (no gradient), with every layer's hidden states and
+        attention maps when a feature term needs them."""
+        signal = self.teacher_source.signal(batch, hidden_states=self.uses_hidden_states,
+                                            attentions=self.wants_attentions(weights))
         if signal.expert_usage_entropy is not None:
             entropy = signal.expert_usage_entropy
             self._teacher_diagnostics = {"teacher_expert_entropy/min": float(entropy.min()),
                                          "teacher_expert_entropy/mean": float(entropy.mean())}
         return signal
 
-    @property
-    def lm_only(self) -> bool:
-        """Plain fine-tuning (kd_alpha 0, no feature terms): the teacher is not run during training at all."""
-        return self.settings.kd_alpha == 0 and self.projector is None and not self.uses_hidden_states
+    def student_inputs(self, batch: DualBatch, weights: dict[str, float]) -> dict:
+        """The keyword arguments of the student's training forward on `batch`."""
+        return student_forward_kwargs(batch, attentions=self.wants_attentions(weights))
 
-    def use_student_forward(self, module: nn.Module) -> None:
-        """Run the student's training forward through `module`: the data-parallel wrapper accelerate made, so that
-        its gradient synchronisation happens (calling the inner model's parts directly would skip it)."""
-        self._student_forward = [module]
-
-    def _student_outputs(self, batch, attentions: bool = False):
-        """The one student forward (training, projector pre-fit, retention). `logits_to_keep=1` stops the LM head from
-        building [B, N, V] logits; the losses compute them chunk by chunk from the final hidden state
-        (`hidden_states[-1]`, after the norm)."""
-        return self._student_forward[0](
-            input_ids=batch.student_input_ids, attention_mask=batch.student_attention_mask,
-            output_hidden_states=True, output_attentions=attentions, logits_to_keep=1,
-        )
-
-    def forward(self, batch, weights: dict[str, float], temperature: float,
-                signal: TeacherSignal | None = None) -> dict[str, Term]:
-        student_model = self._student[0].model
-        if self.lm_only:
-            hidden = self._student_outputs(batch).hidden_states[-1]
-            lm_sum, _ = chunked_cross_entropy(hidden.reshape(-1, hidden.shape[-1]),
-                                              student_model.get_output_embeddings().weight,
-                                              batch.student_targets.reshape(-1), self.chunk_size)
-            return {"lm": Term(lm_sum, PER_TOKEN, count_key="lm", weight_key="lm")}
-        attentions = self._wants_attentions(weights)
-        signal = signal or self._teacher_signal(batch, weights)
-        outputs = self._student_outputs(batch, attentions)
-        hidden = outputs.hidden_states[-1]
-        kd_mask = self.kd_pair_mask(batch)
-        kd_rows = (batch.pair_batch * hidden.shape[1] + batch.pair_student_pos)[kd_mask]
+    def forward(self, batch: DualBatch, selection: PositionSelection, student_hidden_states: tuple[Tensor, ...],
+                student_attentions: tuple[Tensor, ...] | None, signal: TeacherSignal | None,
+                weights: dict[str, float], temperature: float) -> dict[str, Term]:
+        """Every term of one micro-batch from the student forward's hidden states (and attention maps) and the
+        teacher's `signal` (None: LM only)."""
+        head_weight = self.student_model.get_output_embeddings().weight
+        hidden = student_hidden_states[-1]
         flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-        # The projector's KD pairs are every aligned pair (only first-token's `exclude` masks any), so its KD target
-        # and its anchor read the same inputs.
-        projector_inputs = (self._projector_inputs(signal, batch, kd_mask, flat_hidden[kd_rows])
-                            if self.projector is not None else None)
-        sums = self._lm_and_kd(flat_hidden, student_model, batch, kd_rows, signal, kd_mask, temperature,
-                               projector_inputs)
+        if self.lm_only:
+            lm_sum, _ = chunked_cross_entropy(flat_hidden, head_weight, selection.lm_targets, self.chunk_size)
+            return {"lm": Term(lm_sum, PER_TOKEN, count_key="lm", scale=self.lm_alpha)}
+        transfer = self.transfer
+        inputs = transfer.micro_batch_inputs(signal, batch, selection, flat_hidden)
+        target = transfer.kd_target(signal, selection, inputs, head_weight)
+        # One chunk loop for both terms: the KD rows first, in pair order, then the rows only LM uses.
+        sums = fused_chunked_losses(flat_hidden, head_weight, selection.lm_targets, selection.kd_rows, target,
+                                    transfer.kd_loss_sum(temperature, flat_hidden.device), self.chunk_size)
         terms = {
-            "lm": Term(sums.lm_sum, PER_TOKEN, count_key="lm", weight_key="lm"),
-            "kd": Term(sums.kd_sum, PER_TOKEN, count_key="kd", weight_key="kd"),
+            "lm": Term(sums.lm_sum, PER_TOKEN, count_key="lm", scale=self.lm_alpha),
+            "kd": Term(transfer.scaled_kd_sum(sums.kd_sum, temperature), PER_TOKEN, count_key="kd", weight_key="kd"),
         }
-        if self.projector is not None:
-            # The anchor keeps the projector a good predictor of the true next student token while the student moves.
-            next_ids = batch.student_targets.reshape(-1)[kd_rows]
-            anchor_sum, _ = anchor_loss(self.projector, projector_inputs.teacher_features,
-                                        student_model.get_output_embeddings().weight, next_ids, self.chunk_size,
-                                        projector_inputs.student_rows)
-            terms["anchor"] = Term(anchor_sum, PER_TOKEN, count_key="kd", weight_key="anchor")
+        terms.update(transfer.extra_terms(inputs, selection, head_weight))
         if self.uses_hidden_states:
-            terms.update(self._feature_terms(outputs, signal, batch, weights, attentions))
+            terms.update(self._feature_terms(student_hidden_states, student_attentions, signal, selection, weights))
         return terms
 
-    def _feature_terms(self, outputs, signal: TeacherSignal, batch, weights, attentions: bool) -> dict[str, Term]:
+    def _feature_terms(self, student_states, student_attentions, signal: TeacherSignal,
+                       selection: PositionSelection, weights) -> dict[str, Term]:
         """Intermediate-layer terms. Each head trains at full strength on detached student states; the schedule's
         weight scales only the gradient that flows back into the student (`student_grad_weight`), so these terms
         enter the total with coefficient 1."""
-        pairs = AlignedPairs(batch.pair_batch, batch.pair_student_pos, batch.pair_teacher_pos)
-        student_states, teacher_states = outputs.hidden_states, signal.hidden_states
+        pairs = selection.feature_pairs
+        teacher_states = signal.hidden_states
         terms: dict[str, Term] = {}
         if self.matcher is not None:
             matched = self.matcher(student_states, teacher_states, pairs, self.stats,
@@ -412,43 +264,15 @@ class DistillationObjective(nn.Module):
             matched = self.contrastive(student_states, teacher_states, pairs, self.stats,
                                        student_grad_weight=weights["contrastive"])
             terms["contrastive"] = Term(matched.mean(), PER_BATCH)
-        if attentions:
-            matched = attention_alignment_loss(outputs.attentions, signal.attentions, pairs,
+        if self.wants_attentions(weights):
+            matched = attention_alignment_loss(student_attentions, signal.attentions, pairs,
                                                self.attention_layer_pairs, student_grad_weight=weights["attention"])
             terms["attention"] = Term(matched.sum, PER_TOKEN, count_key="features")
         return terms
 
-    def _lm_and_kd(self, hidden, student_model, batch, kd_rows, signal: TeacherSignal, kd_mask, temperature,
-                   projector_inputs: ProjectorInputs | None) -> LossSums:
-        head_weight = student_model.get_output_embeddings().weight
-        lm_targets = batch.student_targets.reshape(-1)
-        if self.strategy == "uld":
-            return chunked_lm_and_uld(hidden, head_weight, lm_targets, kd_rows, signal.topk.select(kd_mask),
-                                      temperature, chunk_size=self.chunk_size)
-        return chunked_lm_and_kd(hidden, head_weight, lm_targets, kd_rows,
-                                 self._mapped_teacher(signal, kd_mask, projector_inputs), temperature, self.divergence,
-                                 chunk_size=self.chunk_size, scale_by_t2=self.scale_by_t2,
-                                 student_groups=self._groups_on(hidden.device))
-
-    def _groups_on(self, device) -> StudentGroups | None:
-        if self.student_groups is not None and self.student_groups.members.device != device:
-            self.student_groups = self.student_groups.to(device)
-        return self.student_groups
-
-    def _mapped_teacher(self, signal: TeacherSignal, kd_mask: Tensor,
-                        projector_inputs: ProjectorInputs | None) -> MappedTarget:
-        """The teacher's distribution on the student's vocabulary at the KD pairs (detached: a target).
-        `projector_inputs`: the projector's inputs at those pairs (the projector strategy only)."""
-        if self.strategy == "projector":
-            embedding = self._student[0].model.get_output_embeddings().weight
-            return projected_target(self.projector, projector_inputs.teacher_features, embedding, self.top_k,
-                                    self.chunk_size, projector_inputs.student_rows)
-        return push_topk_through_map(signal.topk.select(kd_mask), self.teacher_to_student)
-
     def combine(self, terms: dict[str, Term], counts: dict[str, Tensor], weights: dict[str, float],
-                micro_batches: int, processes: int) -> tuple[Tensor, dict[str, float]]:
-        """The micro-batch's share of the step loss, and its weighted components (they add up to the loss)."""
-        weights = {**weights, "lm": self.lm_alpha, "anchor": getattr(self, "anchor_alpha", 0.0)}
+                micro_batches: int, processes: int) -> CombinedLoss:
+        """The micro-batch's share of the step loss, with its weighted and raw components."""
         total = None
         weighted: dict[str, float] = {}
         raw: dict[str, float] = {}
@@ -458,15 +282,15 @@ class DistillationObjective(nn.Module):
                 normalised = term.value * processes / counts[term.count_key].clamp_min(1).to(term.value.dtype)
             else:
                 normalised = term.value / micro_batches
-            contribution = normalised * (weights[term.weight_key] if term.weight_key else 1.0)
+            contribution = normalised * (weights[term.weight_key] if term.weight_key else term.scale)
             total = contribution if total is None else total + contribution
             weighted[name] = contribution.detach().item() / processes
             raw[name] = normalised.detach().item() / processes
-        self.last_raw = raw
-        return total, weighted
+        return CombinedLoss(total, weighted, raw)
 
+    # --- knowledge retention ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate_retention(self, eval_batches, weights, temperature, accelerator) -> dict[str, float]:
+    def evaluate_retention(self, eval_batches, weights, temperature) -> dict[str, float]:
         """Knowledge retention on held-out windows: top-1 agreement and KL(teacher‖student) at the KD positions,
         and every loss component with the weights training uses at this step."""
         agree = torch.zeros((), dtype=torch.float64)
@@ -474,14 +298,17 @@ class DistillationObjective(nn.Module):
         positions = torch.zeros((), dtype=torch.float64)
         component_sums: dict[str, float] = {}
         batches = list(eval_batches)
-        counts = self.count_positions(batches, None)
-        for batch in batches:
-            signal = self._teacher_signal(batch, weights)
-            terms = self.forward(batch, weights, temperature, signal)
-            _, weighted = self.combine(terms, counts, weights, len(batches), 1)
-            for name, value in weighted.items():
+        selections = [self.select(batch) for batch in batches]
+        counts = step_counts(selections)
+        student_model = self.student_model
+        for batch, selection in zip(batches, selections):
+            signal = self.teacher_signal(batch, weights)
+            outputs = student_model(**self.student_inputs(batch, weights))
+            terms = self.forward(batch, selection, outputs.hidden_states, outputs.attentions, signal, weights,
+                                 temperature)
+            for name, value in self.combine(terms, counts, weights, len(batches), 1).weighted.items():
                 component_sums[f"eval_{name}"] = component_sums.get(f"eval_{name}", 0.0) + value
-            stats = self._retention_stats(batch, signal)
+            stats = self._retention_stats(batch, selection, signal)
             agree += stats[0]
             kl += stats[1]
             positions += stats[2]
@@ -491,16 +318,16 @@ class DistillationObjective(nn.Module):
         }
         return {**result, **component_sums}
 
-    def _retention_stats(self, batch, signal: TeacherSignal) -> tuple[Tensor, Tensor, Tensor]:
-        student_model = self._student[0].model
-        kd_mask = self.kd_pair_mask(batch)
-        hidden = self._student_outputs(batch).hidden_states[-1]
-        rows = hidden[batch.pair_batch[kd_mask], batch.pair_student_pos[kd_mask]]
-        projector_inputs = (self._projector_inputs(signal, batch, kd_mask, rows) if self.projector is not None
-                            else None)
-        target = self._mapped_teacher(signal, kd_mask, projector_inputs)
-        logits = student_model.get_output_embeddings()(rows).float()
-        groups = self._groups_on(logits.device)
+    def _retention_stats(self, batch, selection: PositionSelection, signal: TeacherSignal) -> tuple[Tensor, ...]:
+        student_model = self.student_model
+        hidden = student_model(**student_forward_kwargs(batch)).hidden_states[-1]
+        flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+        rows = flat_hidden[selection.kd_rows]
+        embedding = student_model.get_output_embeddings()
+        inputs = self.transfer.micro_batch_inputs(signal, batch, selection, flat_hidden)
+        target = self.transfer.retention_target(signal, selection, inputs, embedding.weight)
+        logits = embedding(rows).float()
+        groups = self.transfer.student_groups(logits.device)
         student_logp, teacher_logp = support_atoms(logits, target, temperature=1.0, groups=groups)
         best_slot = target.logp.masked_fill(~target.mask, -torch.inf).argmax(dim=-1, keepdim=True)
         teacher_top = target.ids.gather(-1, best_slot).squeeze(-1)

@@ -1,10 +1,11 @@
 """`crosskd train`: one explicit distillation loop, read top to bottom.
 
-    config -> models -> data -> objective (vocabulary strategy, heads) -> optimizer -> [resume] -> loop:
+    config -> models -> data -> objective (vocabulary transfer, heads) -> optimizer -> [resume] -> loop:
         for each optimizer step:
             weights, temperature = schedules(progress)
-            read the step's micro-batches; count valid positions over all of them and all processes
-            for each micro-batch: teacher signal (no_grad) -> student forward -> loss sums / global counts -> backward
+            read the step's micro-batches; select each one's positions; count them over all micro-batches and processes
+            for each micro-batch: teacher signal (no_grad) -> student forward -> terms -> combine (global counts)
+                -> backward
             unscale, clip; a non-finite loss or gradient skips the step; optimizer + scheduler step
             log; evaluate; checkpoint
     -> export the best student (by held-out BPB) as a Hugging Face folder
@@ -21,15 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-from crosskd.config import Config, load_config
+from crosskd.config import Config
 from crosskd.data.collate import collate_windows
+from crosskd.data.corpus import TrainingCorpus, windows_per_step
 from crosskd.evaluate import bits_per_byte
-from crosskd.models.loading import load_model
-from crosskd.schedules import loss_weights, temperature
+from crosskd.losses.selection import step_counts
+from crosskd.models.loading import LoadedModel, load_model
+from crosskd.models.precision import MixedPrecision
+from crosskd.schedules import loss_weights, schedule_settings, temperature
 from crosskd.train.checkpoint import (
     TrainingState,
     checkpoint_name,
@@ -39,10 +43,9 @@ from crosskd.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from crosskd.train.corpus import TrainingCorpus, windows_per_step
 from crosskd.train.logbook import Logbook, check_sum, format_step_line
-from crosskd.train.objective import DistillationObjective, schedule_settings
-from crosskd.train.precision import MixedPrecision
+from crosskd.train.objective import DistillationObjective
+from crosskd.vocab.transfer import ParameterGroup
 
 
 class TrainingStopped(RuntimeError):
@@ -51,6 +54,9 @@ class TrainingStopped(RuntimeError):
 
 @dataclass
 class TrainResult:
+    """What a finished run gives back: where it wrote, held-out bits per byte before, at the end, at its best and of
+    the teacher, and the steps it skipped."""
+
     run_dir: Path
     student_dir: Path
     steps: int
@@ -68,13 +74,11 @@ def build_optimizer(config: Config, student: torch.nn.Module, objective: Distill
     """AdamW with one parameter group per kind of parameter, each with its learning-rate multiplier."""
     opt = config.optimizer
     groups = [
-        ("student", [p for p in student.parameters() if p.requires_grad], opt.student_lr_multiplier),
-        ("heads", objective.head_parameters(), opt.heads_lr_multiplier),
-        ("projector", objective.projector_parameters(), opt.projector_lr_multiplier),
+        ParameterGroup("student", [p for p in student.parameters() if p.requires_grad], opt.student_lr_multiplier),
+        *objective.parameter_groups(),
     ]
-    param_groups = [
-        {"name": name, "params": params, "lr": opt.lr * multiplier} for name, params, multiplier in groups if params
-    ]
+    param_groups = [{"name": group.name, "params": group.parameters, "lr": opt.lr * group.lr_multiplier}
+                    for group in groups if group.parameters]
     # The fused kernel updates all tensors in one vectorised pass: on the reference student (135 M parameters, 2 CPU
     # cores) the default per-tensor loop took ~0.8 s of every step, the fused one a small fraction of it
     # (docs/BENCHMARKS.md). It supports CPU and CUDA tensors and works with the fp16 loss scaler.
@@ -140,6 +144,25 @@ class _SignalGuard:
         return accelerator.reduce(flag, reduction="sum").item() > 0
 
 
+@dataclass
+class Run:
+    """What one training run holds, shared by the loop and its helpers (evaluation, checkpoints, resume)."""
+
+    config: Config
+    accelerator: Accelerator
+    precision: MixedPrecision
+    teacher: LoadedModel
+    student: LoadedModel  # `student.model` stays the plain model; the training forward goes through its wrapper
+    corpus: TrainingCorpus
+    objective: DistillationObjective
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    state: TrainingState
+    checkpoints_dir: Path
+    eval_text: str = ""
+    logbook: Logbook | None = None
+
+
 def train(config: Config, resume: str | None = None, debug: bool = False) -> TrainResult:
     run_dir = Path(config.output.run_dir)
     checkpoints_dir = run_dir / "checkpoints"
@@ -178,40 +201,44 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
           f"{step_windows} windows of {config.data.window_tokens} tokens)")
     objective = DistillationObjective(config, teacher, student, settings)
     if objective.needs_preparation:
-        objective.prepare(corpus.preparation_batches(training.batch_size, accelerator.device), accelerator.device,
-                          stats_path=run_dir / "teacher_stats.safetensors", resuming=bool(resume))
-        if main and objective.prefit_report is not None:
-            print(objective.prefit_report.describe(), flush=True)
+        report = objective.prepare(corpus.preparation_batches(training.batch_size, accelerator.device),
+                                   accelerator.device, stats_path=run_dir / "teacher_stats.safetensors",
+                                   resuming=bool(resume))
+        if main and report is not None:
+            print(report, flush=True)
     optimizer = build_optimizer(config, student.model, objective)
     scheduler = build_scheduler(config, optimizer, total_steps)
-    # `student.model` stays the plain model (attributes, checkpoints, export); training forwards go through the
-    # prepared wrapper so data parallelism synchronises gradients. The objective is prepared only when it has
-    # parameters of its own (projector, heads): DDP refuses a module with nothing to train.
-    objective.to(accelerator.device)  # its buffers (the first-token map) must sit beside the batches
+    # `student.model` stays the plain model (attributes, checkpoints, export, pre-fit and retention); the training
+    # forward goes through the prepared wrapper so data parallelism synchronises gradients. The objective is prepared
+    # only when it has parameters of its own (projector, heads): DDP refuses a module with nothing to train.
+    objective.to(accelerator.device)  # the transfer's modules and the heads
     student_forward = accelerator.prepare(student.model)
-    objective.use_student_forward(student_forward)
-    has_parameters = bool(objective.projector_parameters() or objective.head_parameters())
+    has_parameters = any(True for _ in objective.parameters())
     objective_forward = accelerator.prepare(objective) if has_parameters else objective
     optimizer = accelerator.prepare(optimizer)
 
-    state = TrainingState()
+    run = Run(config, accelerator, precision, teacher, student, corpus, objective, optimizer, scheduler,
+              TrainingState(), checkpoints_dir)
     if resume:
-        state = _resume(resume, checkpoints_dir, student, objective, optimizer, scheduler, precision)
+        run.state = _resume(run, resume)
+    state = run.state
 
     # --- evaluation before training -------------------------------------------------------------------------------
-    eval_text = corpus.eval_text()
-    phase(f"measuring held-out bits per byte of teacher and student ({len(eval_text):,} characters)")
+    run.eval_text = corpus.eval_text()
+    phase(f"measuring held-out bits per byte of teacher and student ({len(run.eval_text):,} characters)")
     unwrapped_student = accelerator.unwrap_model(student.model)
-    teacher_bpb = bits_per_byte(teacher.model, teacher.tokenizer, eval_text, accelerator=accelerator).bits_per_byte
-    initial = bits_per_byte(unwrapped_student, student.tokenizer, eval_text, accelerator=accelerator)
+    teacher_bpb = bits_per_byte(teacher.model, teacher.tokenizer, run.eval_text,
+                                accelerator=accelerator).bits_per_byte
+    initial = bits_per_byte(unwrapped_student, student.tokenizer, run.eval_text, accelerator=accelerator)
     if main:
         print(f"held-out BPB before: student {initial.bits_per_byte:.4f}, teacher {teacher_bpb:.4f}", flush=True)
     if state.best_bpb is None:
         state.best_bpb, state.best_step = initial.bits_per_byte, state.step
         if main:
-            _save(checkpoints_dir, state, student, objective, optimizer, scheduler, precision, config, accelerator)
+            _save(run)
 
-    logbook = Logbook(run_dir, total_steps, config.output.tensorboard, enabled=main, initial_step=state.step)
+    logbook = run.logbook = Logbook(run_dir, total_steps, config.output.tensorboard, enabled=main,
+                                    initial_step=state.step)
     windows = corpus.train_windows(start=state.windows_consumed, process_index=accelerator.process_index,
                                    num_processes=accelerator.num_processes, batch_size=training.batch_size)
     stopped_early = False
@@ -225,18 +252,20 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
                 weights = loss_weights(progress, settings)
                 tau = temperature(progress, settings)
 
-                # Read the whole step first: normalisers must count every micro-batch on every process.
+                # Read the whole step first: normalisers count the selected positions of every micro-batch on every
+                # process.
                 micro_batches = [
                     collate_windows(next(windows), teacher.vocab.pad_id).to(accelerator.device)
                     for _ in range(training.gradient_accumulation_steps)
                 ]
-                counts = objective.count_positions(micro_batches, accelerator)
+                selections = [objective.select(batch) for batch in micro_batches]
+                counts = step_counts(selections, accelerator)
 
                 optimizer.zero_grad(set_to_none=True)
                 step_total = torch.zeros((), device=accelerator.device)
                 step_components: dict[str, float] = {}
                 step_raw: dict[str, float] = {}  # each term before its weight: what a head optimises, or KD before τ²
-                for index, batch in enumerate(micro_batches):
+                for index, (batch, selection) in enumerate(zip(micro_batches, selections)):
                     last = index == len(micro_batches) - 1
                     sync = contextlib.ExitStack()
                     if not last:  # gradients are all-reduced once per step, on the last micro-batch
@@ -244,19 +273,21 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
                             sync.enter_context(accelerator.no_sync(module))
                     with sync:
                         with precision.autocast():
-                            terms = objective_forward(batch, weights, tau)
-                        loss, weighted = objective.combine(terms, counts, weights, len(micro_batches),
-                                                           accelerator.num_processes)
-                        precision.backward(loss)
-                    step_total += loss.detach()
-                    for name, value in weighted.items():
+                            signal = None if objective.lm_only else objective.teacher_signal(batch, weights)
+                            outputs = student_forward(**objective.student_inputs(batch, weights))
+                            terms = objective_forward(batch, selection, outputs.hidden_states, outputs.attentions,
+                                                      signal, weights, tau)
+                        loss = objective.combine(terms, counts, weights, len(micro_batches),
+                                                 accelerator.num_processes)
+                        precision.backward(loss.total)
+                    step_total += loss.total.detach()
+                    for name, value in loss.weighted.items():
                         step_components[name] = step_components.get(name, 0.0) + value
-                    for name, value in objective.last_raw.items():
+                    for name, value in loss.raw.items():
                         step_raw[name] = step_raw.get(name, 0.0) + value
                     tokens_since_log += int(batch.student_attention_mask.sum())
                 step_components, step_raw = (_sum_over_processes(values, accelerator)
                                              for values in (step_components, step_raw))
-
                 grad_norm = precision.unscale_and_clip(optimizer, objective.all_trainable(student.model),
                                                        config.optimizer.grad_clip)
                 total_value = accelerator.reduce(step_total, reduction="mean").item()
@@ -318,13 +349,11 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
 
                 due_eval = training.eval_every and state.step % training.eval_every == 0
                 if due_eval or state.step == total_steps:
-                    stop = _evaluate(config, state, objective, corpus, student, teacher, eval_text, weights, tau,
-                                     accelerator, logbook)
+                    stop = _evaluate(run, weights, tau)
                     improved = state.best_step == state.step
                     if main and (improved or (training.checkpoint_every and state.step % training.checkpoint_every == 0)
                                  or state.step == total_steps):
-                        _save(checkpoints_dir, state, student, objective, optimizer, scheduler, precision, config,
-                              accelerator)
+                        _save(run)
                     if stop:
                         stopped_early = True
                         logbook.line(f"early stopping at step {state.step}: no improvement of "
@@ -332,12 +361,10 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
                                      f"{training.early_stopping.patience} evaluations")
                         break
                 elif main and training.checkpoint_every and state.step % training.checkpoint_every == 0:
-                    _save(checkpoints_dir, state, student, objective, optimizer, scheduler, precision, config,
-                          accelerator)
+                    _save(run)
     except (Exception, KeyboardInterrupt) as error:
         if main:
-            path = _save(checkpoints_dir, state, student, objective, optimizer, scheduler, precision, config,
-                         accelerator, emergency=True)
+            path = _save(run, emergency=True)
             print(f"\nstopped at step {state.step}: {error}\nemergency checkpoint: {path}\n"
                   f"resume with: crosskd train {run_dir / 'config.yaml'} --resume", file=sys.stderr, flush=True)
         logbook.close()
@@ -372,18 +399,18 @@ def _sum_over_processes(values: dict[str, float], accelerator) -> dict[str, floa
     return dict(zip(names, accelerator.reduce(shares, reduction="sum").tolist()))
 
 
-def _evaluate(config, state, objective, corpus, student, teacher, eval_text, weights, tau, accelerator,
-              logbook) -> bool:
+def _evaluate(run: Run, weights: dict[str, float], tau: float) -> bool:
     """Held-out BPB from the LM loss alone, plus knowledge retention; returns True when early stopping triggers."""
-    unwrapped = accelerator.unwrap_model(student.model)
-    result = bits_per_byte(unwrapped, student.tokenizer, eval_text, accelerator=accelerator)
-    retention = objective.evaluate_retention(corpus.eval_batches(config.training.batch_size, accelerator.device),
-                                             weights, tau, accelerator)
+    config, state, accelerator = run.config, run.state, run.accelerator
+    unwrapped = accelerator.unwrap_model(run.student.model)
+    result = bits_per_byte(unwrapped, run.student.tokenizer, run.eval_text, accelerator=accelerator)
+    retention = run.objective.evaluate_retention(
+        run.corpus.eval_batches(config.training.batch_size, accelerator.device), weights, tau)
     record = {"bpb": result.bits_per_byte, "perplexity": result.perplexity, **retention}
     state.history.append({"step": state.step, **record})
-    logbook.record("eval", state.step, record)
-    logbook.line(f"eval step {state.step}: held-out BPB {result.bits_per_byte:.4f} (ppl {result.perplexity:.3f}); "
-                 + ", ".join(f"{k} {v:.4f}" for k, v in retention.items()))
+    run.logbook.record("eval", state.step, record)
+    run.logbook.line(f"eval step {state.step}: held-out BPB {result.bits_per_byte:.4f} (ppl {result.perplexity:.3f}); "
+                     + ", ".join(f"{k} {v:.4f}" for k, v in retention.items()))
     stopping = config.training.early_stopping
     if result.bits_per_byte < state.best_bpb - stopping.min_delta or (
         result.bits_per_byte < state.best_bpb and not stopping.enabled
@@ -399,32 +426,32 @@ def _evaluate(config, state, objective, corpus, student, teacher, eval_text, wei
     )
 
 
-def _save(checkpoints_dir, state, student, objective, optimizer, scheduler, precision, config, accelerator,
-          emergency: bool = False) -> Path:
-    unwrapped_student = accelerator.unwrap_model(student.model)
-    unwrapped_objective = accelerator.unwrap_model(objective)
-    folder = checkpoints_dir / (checkpoint_name(state.step) + ("-emergency" if emergency else ""))
-    save_checkpoint(folder, state, _trainable_state(unwrapped_student, unwrapped_objective), optimizer.state_dict(),
-                    scheduler.state_dict(), precision.scaler_state())
+def _save(run: Run, emergency: bool = False) -> Path:
+    state, accelerator = run.state, run.accelerator
+    unwrapped_student = accelerator.unwrap_model(run.student.model)
+    unwrapped_objective = accelerator.unwrap_model(run.objective)
+    folder = run.checkpoints_dir / (checkpoint_name(state.step) + ("-emergency" if emergency else ""))
+    save_checkpoint(folder, state, _trainable_state(unwrapped_student, unwrapped_objective),
+                    run.optimizer.state_dict(), run.scheduler.state_dict(), run.precision.scaler_state())
     if not emergency:
-        best = checkpoints_dir / checkpoint_name(state.best_step) if state.best_step is not None else None
-        prune_checkpoints(checkpoints_dir, config.training.keep_checkpoints, protect=best)
+        best = run.checkpoints_dir / checkpoint_name(state.best_step) if state.best_step is not None else None
+        prune_checkpoints(run.checkpoints_dir, run.config.training.keep_checkpoints, protect=best)
     return folder
 
 
-def _resume(resume, checkpoints_dir, student, objective, optimizer, scheduler, precision) -> TrainingState:
+def _resume(run: Run, resume: str) -> TrainingState:
     if resume == "latest":
-        available = list_checkpoints(checkpoints_dir)
+        available = list_checkpoints(run.checkpoints_dir)
         if not available:
-            raise FileNotFoundError(f"--resume: no checkpoint under {checkpoints_dir}; start without --resume")
+            raise FileNotFoundError(f"--resume: no checkpoint under {run.checkpoints_dir}; start without --resume")
         folder = available[-1]
     else:
         folder = Path(resume)
     loaded = load_checkpoint(folder)
-    _load_trainable_state(student.model, objective, loaded.trainable)
-    optimizer.load_state_dict(loaded.optimizer)
-    scheduler.load_state_dict(loaded.scheduler)
-    precision.load_scaler_state(loaded.scaler)
+    _load_trainable_state(run.student.model, run.objective, loaded.trainable)
+    run.optimizer.load_state_dict(loaded.optimizer)
+    run.scheduler.load_state_dict(loaded.scheduler)
+    run.precision.load_scaler_state(loaded.scaler)
     restore_rng(loaded.rng)
     print(f"resumed from {folder} at step {loaded.state.step}", flush=True)
     return loaded.state
@@ -445,21 +472,3 @@ def export_student(checkpoint: Path, student, objective, out_dir: Path) -> None:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     temporary.rename(out_dir)
-
-
-def cli_train(args) -> int:
-    config = load_config(args.config, args.overrides)
-    try:
-        result = train(config, resume=args.resume, debug=args.debug)
-    except TrainingStopped:
-        return 1  # the reason and the emergency checkpoint were printed when the run stopped
-    if not PartialState().is_main_process:
-        return 0
-    teacher = f"{result.teacher_bpb:.4f}" if result.teacher_bpb is not None else "n/a"
-    print(
-        f"\nheld-out bits per byte: student before {result.initial_bpb:.4f} -> best {result.best_bpb:.4f} "
-        f"(step {result.best_step}) | teacher {teacher}\n"
-        f"skipped steps: {result.nonfinite_skipped} non-finite, {result.overflow_skipped} fp16 overflow\n"
-        f"student saved to {result.student_dir} (load with AutoModelForCausalLM.from_pretrained)"
-    )
-    return 0

@@ -22,11 +22,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from crosskd.data.encoding import _gpt2_unicode_to_byte, token_bytes_table
+from crosskd.data.encoding import gpt2_unicode_to_byte, token_bytes_table
 from crosskd.losses.chunking import upcast
 from crosskd.losses.target import MappedTarget, StudentGroups, TopKTarget, logsumexp_or_neginf
 from crosskd.models.cache import resolve_cache_dir
+from crosskd.models.fingerprints import tokenizer_hash
+from crosskd.teacher.online import TeacherNeeds
+from crosskd.vocab.transfer import DivergenceTransfer, register_transfer
 
+MISMATCH_POLICIES = ("exclude", "keep", "merge")
 UNMAPPED = -1  # teacher ids that stand for no text (special, padded): they never carry mass onto the student
 # Bump when the mapping rules change, so maps cached by an older rule are rebuilt rather than silently reused.
 MAP_ALGORITHM_VERSION = 1
@@ -35,11 +39,6 @@ _AFTER_EVERY_ID = torch.iinfo(torch.int64).max  # sorts unmapped entries after e
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Hashes and the on-disk cache
-
-
-def tokenizer_hash(tokenizer) -> str:
-    """sha256 of the tokenizer's tokenizer.json serialisation: any change to vocab, merges or pipeline changes it."""
-    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode("utf-8")).hexdigest()
 
 
 def first_token_map_key(student_tokenizer, teacher_tokenizer, teacher_valid_mask: torch.Tensor) -> str:
@@ -261,7 +260,7 @@ def _longest_valid_utf8_prefix(raw: bytes) -> bytes:
 
 def _byte_level_string(raw: bytes) -> str:
     """GPT-2's byte-to-printable-character spelling, the alphabet a byte-level BPE's vocabulary is written in."""
-    byte_to_unicode = {byte: char for char, byte in _gpt2_unicode_to_byte().items()}
+    byte_to_unicode = {byte: char for char, byte in gpt2_unicode_to_byte().items()}
     return "".join(byte_to_unicode[b] for b in raw)
 
 
@@ -315,3 +314,75 @@ def first_token_kd_pairs(pair_student_next_bytes: Tensor, pair_teacher_next_byte
     (NLL ~26 nats on the reference pair): such pairs are left out of KD (mismatch_policy 'exclude').
     """
     return pair_student_next_bytes <= pair_teacher_next_bytes
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The mismatch policies and the transfer
+
+
+def policy_map(policy: str, student_tokenizer, teacher_tokenizer, teacher_valid_mask: Tensor,
+               student_logit_size: int) -> tuple[Tensor, StudentGroups | None]:
+    """The teacher -> student map `mismatch_policy` distils through, and the student groups whose atoms it pools:
+    with `merge`, student tokens that run past the teacher's token share one atom with it (docs/VOCAB.md), so the map
+    points at group roots."""
+    teacher_to_student = load_or_build_first_token_map(student_tokenizer, teacher_tokenizer, teacher_valid_mask,
+                                                       student_logit_size).teacher_to_student
+    if policy != "merge":
+        return teacher_to_student, None
+    groups = load_or_build_student_groups(student_tokenizer, teacher_tokenizer, student_logit_size)
+    return groups.root_of(teacher_to_student), groups
+
+
+def policy_kd_pairs(policy: str, pair_student_next_bytes: Tensor, pair_teacher_next_bytes: Tensor) -> Tensor:
+    """bool [P]: the aligned pairs `mismatch_policy` distils (`exclude` leaves out `first_token_kd_pairs`' others)."""
+    if policy == "exclude":
+        return first_token_kd_pairs(pair_student_next_bytes, pair_teacher_next_bytes)
+    return torch.ones_like(pair_student_next_bytes, dtype=torch.bool)
+
+
+class TokenMapOnDevice:
+    """A teacher -> student id table, copied once to the device the batches are on."""
+
+    def __init__(self, teacher_to_student: Tensor):
+        self.table = teacher_to_student
+
+    def on(self, device) -> Tensor:
+        if self.table.device != torch.device(device):
+            self.table = self.table.to(device)
+        return self.table
+
+
+@register_transfer
+class FirstTokenTransfer(DivergenceTransfer):
+    """The teacher's top-k pushed through the first-token map onto the student's vocabulary.
+
+    `objective.mismatch_policy`: where the student's next token runs past the teacher's, `merge` pools such student
+    tokens with the token the teacher's maps to (the map then points at group roots and the student's atoms pool
+    their groups), `exclude` leaves those pairs out of KD (`first_token_kd_pairs`), `keep` keeps them as they are.
+    """
+
+    name = "first-token"
+    exclusive_options = {"mismatch_policy": MISMATCH_POLICIES}
+
+    @classmethod
+    def teacher_needs(cls, objective) -> TeacherNeeds:
+        return TeacherNeeds(topk=True)
+
+    def __init__(self, config, teacher, student):
+        super().__init__(config, teacher, student)
+        self.policy = config.objective.mismatch_policy
+        teacher_to_student, self.groups = policy_map(self.policy, student.tokenizer, teacher.tokenizer,
+                                                     teacher.vocab.valid_mask, student.vocab.logit_size)
+        self.teacher_to_student = TokenMapOnDevice(teacher_to_student)
+
+    def kd_pairs(self, batch) -> Tensor:
+        return policy_kd_pairs(self.policy, batch.pair_student_next_bytes, batch.pair_teacher_next_bytes)
+
+    def kd_target(self, signal, selection, inputs, student_embedding) -> MappedTarget:
+        topk = signal.topk.select(selection.kd_pairs)
+        return push_topk_through_map(topk, self.teacher_to_student.on(topk.ids.device))
+
+    def student_groups(self, device) -> StudentGroups | None:
+        if self.groups is not None and self.groups.members.device != torch.device(device):
+            self.groups = self.groups.to(device)
+        return self.groups

@@ -34,18 +34,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from crosskd.data.collate import IGNORE_INDEX
 from crosskd.losses.chunking import DEFAULT_CHUNK_ROWS, chunk_slices, upcast
+from crosskd.losses.lm import student_forward_kwargs
 from crosskd.losses.target import MappedTarget, TopKTarget, teacher_topk
+from crosskd.losses.terms import PER_TOKEN, Term
+from crosskd.teacher.online import TeacherNeeds, TeacherSignal
+from crosskd.vocab.transfer import DivergenceTransfer, ParameterGroup, register_transfer
 
-IGNORE_INDEX = -100
+PROJECTOR_FEATURES = ("final_hidden", "topk_embeddings")
 
 
 class LogitProjector(nn.Module):
     """The learned map from teacher features [.., D_t] to the student's output-embedding space [.., D_s].
 
     `residual=True`: output = student's final hidden state (detached) + linear(standardised teacher features), with
-    the linear map starting at zero. `residual=False`: output = linear(standardised teacher features) (the seed's
-    design), started by `least_squares_init`.
+    the linear map starting at zero. `residual=False`: output = linear(standardised teacher features) (the plain
+    map), started by `least_squares_init`.
     """
 
     def __init__(self, teacher_dim: int, student_dim: int, residual: bool = True):
@@ -83,6 +88,24 @@ class LogitProjector(nn.Module):
         if student_hidden is None:
             raise ValueError("a residual LogitProjector needs the student's final hidden state at the same positions")
         return student_hidden.detach().to(correction.dtype) + correction
+
+
+def after_sink(pair_teacher_pos: Tensor) -> Tensor:
+    """bool [P]: the pairs whose teacher position is past window position 0 (the attention sink)."""
+    return pair_teacher_pos > 0
+
+
+def fit_standardisation_after_sink(projector: LogitProjector, teacher_features: Tensor, after_sink: Tensor) -> None:
+    """Fit the feature standardisation on the pairs after the sink (on all of them if there are no others)."""
+    projector.fit_standardisation(teacher_features[after_sink] if after_sink.any() else teacher_features)
+
+
+def anchor_data(projector: LogitProjector, teacher_features: Tensor, after_sink: Tensor, target_ids: Tensor,
+                student_hidden: Tensor) -> AnchorData:
+    """What the projector reads at some pairs for its anchor (sink rows at the fitted mean; the residual one also
+    takes the student's final state)."""
+    features = without_sink(teacher_features, after_sink, projector.feature_mean)
+    return AnchorData(features, target_ids, student_hidden if projector.residual else None)
 
 
 def without_sink(features: Tensor, after_sink: Tensor, feature_mean: Tensor) -> Tensor:
@@ -178,8 +201,7 @@ def projected_target(
                                       _rows(student_hidden, rows)), top_k, every_id)
         for rows in chunk_slices(teacher_features.shape[0], chunk_size)
     ]
-    ids, logp, tail_logmass = (torch.cat(field) for field in zip(*((t.ids, t.logp, t.tail_logmass) for t in parts)))
-    return TopKTarget(ids, logp, tail_logmass).as_support()
+    return TopKTarget.concatenate(parts).as_support()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -291,3 +313,129 @@ def prefit_projector(
             checks_without_gain += 1
     projector.load_state_dict(best_state)
     return PrefitReport(steps, best_nll, student_heldout_nll, best_nll < student_heldout_nll)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The transfer
+
+
+@dataclass(frozen=True)
+class PrefitPairs:
+    """The aligned pairs of the projector's pre-fit batches."""
+
+    teacher_features: Tensor  # [P, D_t] what the projector reads of the teacher (`ProjectorTransfer.teacher_features`)
+    after_sink: Tensor  # bool [P] the teacher position is not window position 0
+    target_ids: Tensor  # [P] the true next student token
+    student_hidden: Tensor  # [P, D_s] the student's final hidden state
+    student_nll: float  # the frozen student's own mean NLL of the true next tokens
+
+
+@dataclass(frozen=True)
+class ProjectorInputs:
+    """What the projector reads at a micro-batch's KD pairs, computed once for both its KD target and its anchor."""
+
+    teacher_features: Tensor  # [P, D_t] window position 0 at the fitted mean
+    student_rows: Tensor | None  # [P, D_s] the student's final hidden state (the residual projector only)
+
+
+@register_transfer
+class ProjectorTransfer(DivergenceTransfer):
+    """A learned map of standardised teacher features through the student's detached output embedding
+    (`LogitProjector`): its top-k is the KD target, pre-fitted before the first step and kept a good predictor of the
+    true next student token by the anchor term (`objective.projector_anchor_alpha`)."""
+
+    name = "projector"
+    exclusive_options = {"projector_features": PROJECTOR_FEATURES}
+    extra_term_names = ("anchor",)
+
+    @classmethod
+    def teacher_needs(cls, objective) -> TeacherNeeds:
+        if objective.projector_features == "final_hidden":
+            return TeacherNeeds(final_hidden=True)
+        return TeacherNeeds(topk=True)  # topk_embeddings: the teacher's output embedding weighted by its top-k
+
+    @classmethod
+    def prepares_on_training_windows(cls, objective) -> bool:
+        return True
+
+    def __init__(self, config, teacher, student):
+        super().__init__(config, teacher, student)
+        objective = config.objective
+        self.projector = LogitProjector(teacher.model.config.hidden_size, student.model.config.hidden_size,
+                                        residual=objective.projector_residual)
+        self.reads_final_hidden = objective.projector_features == "final_hidden"
+        self.anchor_alpha = objective.projector_anchor_alpha
+        self.top_k = objective.kd_top_k
+        self.prefit_steps = objective.projector_prefit_steps
+        self.lr_multiplier = config.optimizer.projector_lr_multiplier
+        self.teacher_embedding = teacher.model.get_output_embeddings().weight  # frozen, read by `topk_embeddings`
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"projector": self.projector}
+
+    def parameter_groups(self) -> list[ParameterGroup]:
+        return [ParameterGroup("projector", list(self.projector.parameters()), self.lr_multiplier)]
+
+    @property
+    def needs_preparation(self) -> bool:
+        return True
+
+    def prepare(self, batches, signal_of, student_model, device) -> str:
+        """Fit the feature standardisation, then pre-fit the projector with the student frozen (a random plain
+        projector gives a confident random target, ~17 nats of KL at step 0; the residual one starts as the student
+        and must learn what the teacher adds before it teaches anything)."""
+        self.projector.to(device)
+        # Three quarters fit, one quarter decides when to stop (a tiny corpus with one batch uses it for both).
+        split = max(1, (3 * len(batches)) // 4)
+        fit = self._prefit_pairs(batches[:split], signal_of, student_model)
+        check = self._prefit_pairs(batches[split:] or batches[:split], signal_of, student_model)
+        # Statistics from the pairs after window position 0 (the attention sink, see `without_sink`).
+        fit_standardisation_after_sink(self.projector, fit.teacher_features, fit.after_sink)
+        train, heldout = (anchor_data(self.projector, pairs.teacher_features, pairs.after_sink, pairs.target_ids,
+                                      pairs.student_hidden) for pairs in (fit, check))
+        if not self.projector.residual:
+            least_squares_init(self.projector, train.teacher_features, fit.student_hidden)
+        embedding = student_model.get_output_embeddings().weight
+        report = prefit_projector(self.projector, embedding, train, heldout, check.student_nll,
+                                  max_steps=self.prefit_steps, chunk_size=self.chunk_size)
+        return report.describe()
+
+    @torch.no_grad()
+    def _prefit_pairs(self, batches, signal_of, student_model) -> PrefitPairs:
+        features, targets, hidden_rows, nll, after_sinks = [], [], [], [], []
+        for batch in batches:
+            signal = signal_of(batch)
+            hidden = student_model(**student_forward_kwargs(batch)).hidden_states[-1]
+            rows = hidden[batch.pair_batch, batch.pair_student_pos]
+            next_ids = batch.student_targets[batch.pair_batch, batch.pair_student_pos]
+            logits = student_model.get_output_embeddings()(rows).float()
+            nll.append(F.cross_entropy(logits, next_ids, reduction="none"))
+            features.append(self.teacher_features(signal))
+            targets.append(next_ids)
+            hidden_rows.append(rows.float())
+            after_sinks.append(after_sink(batch.pair_teacher_pos))
+        return PrefitPairs(*(torch.cat(parts) for parts in (features, after_sinks, targets, hidden_rows)),
+                           torch.cat(nll).mean().item())
+
+    def teacher_features(self, signal: TeacherSignal, rows: Tensor | slice = slice(None)) -> Tensor:
+        """What the projector reads of the teacher at the selected pairs (`objective.projector_features`), float32."""
+        if self.reads_final_hidden:
+            return signal.final_hidden[rows].float()
+        return topk_embedding_features(signal.topk.select(rows), self.teacher_embedding)
+
+    def micro_batch_inputs(self, signal, batch, selection, student_hidden) -> ProjectorInputs:
+        mask = selection.kd_pairs
+        features = without_sink(self.teacher_features(signal, mask), after_sink(batch.pair_teacher_pos)[mask],
+                                self.projector.feature_mean)
+        return ProjectorInputs(features, student_hidden[selection.kd_rows] if self.projector.residual else None)
+
+    def kd_target(self, signal, selection, inputs: ProjectorInputs, student_embedding) -> MappedTarget:
+        return projected_target(self.projector, inputs.teacher_features, student_embedding, self.top_k,
+                                self.chunk_size, inputs.student_rows)
+
+    def extra_terms(self, inputs: ProjectorInputs, selection, student_embedding) -> dict[str, Term]:
+        # The anchor keeps the projector a good predictor of the true next student token while the student moves.
+        next_ids = selection.lm_targets[selection.kd_rows]
+        anchor_sum, _ = anchor_loss(self.projector, inputs.teacher_features, student_embedding, next_ids,
+                                    self.chunk_size, inputs.student_rows)
+        return {"anchor": Term(anchor_sum, PER_TOKEN, count_key="kd", scale=self.anchor_alpha)}

@@ -19,9 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from crosskd.config import ConfigError
 from crosskd.losses.chunking import DEFAULT_CHUNK_ROWS
-from crosskd.losses.lm import LossSums, fused_chunked_losses
-from crosskd.losses.target import TopKTarget, student_atoms, target_atoms
+from crosskd.losses.lm import KDLossSum, LossSums, fused_chunked_losses
+from crosskd.losses.target import MappedTarget, TopKTarget, student_atoms, target_atoms
+from crosskd.teacher.online import TeacherNeeds
+from crosskd.vocab.first_token import TokenMapOnDevice, load_or_build_first_token_map, push_topk_through_map
+from crosskd.vocab.transfer import VocabularyTransfer, register_transfer
 
 
 def uld_per_position(student_logits: Tensor, teacher_topk: TopKTarget, temperature: float,
@@ -62,5 +66,46 @@ def chunked_lm_and_uld(
     No temperature**2 factor: that is a convention for KL-type divergences (Hinton et al.); the ULD paper
     uses none, and the term's scale is set by its weight in the config.
     """
-    kd_loss_sum = functools.partial(uld_loss_sum, temperature=temperature)
-    return fused_chunked_losses(hidden, head_weight, lm_targets, kd_rows, teacher_topk, kd_loss_sum, chunk_size)
+    return fused_chunked_losses(hidden, head_weight, lm_targets, kd_rows, teacher_topk, uld_kd_loss(temperature),
+                                chunk_size)
+
+
+def uld_kd_loss(temperature: float) -> KDLossSum:
+    """The per-chunk KD sum of the ULD distance at ``temperature``."""
+    return functools.partial(uld_loss_sum, temperature=temperature)
+
+
+@register_transfer
+class UniversalLogitDistillation(VocabularyTransfer):
+    """ULD: the teacher's sorted top-k against the student's, no vocabulary map. The retention metrics still read
+    the teacher through the first-token map (agreement with the mapped teacher)."""
+
+    name = "uld"
+
+    @classmethod
+    def check_config(cls, objective) -> None:
+        if objective.divergence is not None:
+            raise ConfigError(
+                "objective.divergence cannot be combined with objective.strategy 'uld': ULD is a distance of its own "
+                "(L1 between sorted probability vectors, which need no shared vocabulary); remove objective.divergence"
+            )
+
+    @classmethod
+    def teacher_needs(cls, objective) -> TeacherNeeds:
+        return TeacherNeeds(topk=True)
+
+    def __init__(self, config, teacher, student):
+        super().__init__(config, teacher, student)
+        token_map = load_or_build_first_token_map(student.tokenizer, teacher.tokenizer, teacher.vocab.valid_mask,
+                                                  student.vocab.logit_size)
+        self.teacher_to_student = TokenMapOnDevice(token_map.teacher_to_student)
+
+    def kd_target(self, signal, selection, inputs, student_embedding) -> TopKTarget:
+        return signal.topk.select(selection.kd_pairs)
+
+    def kd_loss_sum(self, temperature: float, device) -> KDLossSum:
+        return uld_kd_loss(temperature)
+
+    def retention_target(self, signal, selection, inputs, student_embedding) -> MappedTarget:
+        topk = signal.topk.select(selection.kd_pairs)
+        return push_topk_through_map(topk, self.teacher_to_student.on(topk.ids.device))
