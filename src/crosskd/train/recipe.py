@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shlex
 import signal
 import sys
 import time
@@ -40,7 +41,7 @@ from crosskd.train.checkpoint import (
     save_checkpoint,
 )
 from crosskd.train.corpus import TrainingCorpus, windows_per_step
-from crosskd.train.logbook import Logbook, check_sum, format_step_line
+from crosskd.train.logbook import Logbook, check_sum, format_step_line, peak_memory_bytes
 from crosskd.train.objective import DistillationObjective, schedule_settings
 from crosskd.train.precision import MixedPrecision
 
@@ -141,6 +142,7 @@ class _SignalGuard:
 
 
 def train(config: Config, resume: str | None = None, debug: bool = False) -> TrainResult:
+    started = time.perf_counter()
     run_dir = Path(config.output.run_dir)
     checkpoints_dir = run_dir / "checkpoints"
     training = config.training
@@ -212,6 +214,8 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
             _save(checkpoints_dir, state, student, objective, optimizer, scheduler, precision, config, accelerator)
 
     logbook = Logbook(run_dir, total_steps, config.output.tensorboard, enabled=main, initial_step=state.step)
+    logbook.record("start", state.step, {"bpb": initial.bits_per_byte, "teacher_bpb": teacher_bpb,
+                                         "command": shlex.join(sys.argv)})
     windows = corpus.train_windows(start=state.windows_consumed, process_index=accelerator.process_index,
                                    num_processes=accelerator.num_processes, batch_size=training.batch_size)
     stopped_early = False
@@ -297,6 +301,11 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
                         "weighted": step_components,
                         "temperature": tau,
                         "lr": scheduler.get_last_lr()[0],
+                        **{f"lr/{group['name']}": group["lr"] for group in optimizer.param_groups},
+                        **{f"weight/{term}": weight for term, weight in weights.items()},
+                        "kd_position_share": (counts["kd"] / counts["lm"].clamp_min(1)).item(),
+                        "wall_seconds": time.perf_counter() - started,
+                        "peak_memory_bytes": peak_memory_bytes(accelerator.device),
                         "grad_norm": float(grad_norm),
                         "tokens_per_second": tokens_since_log * accelerator.num_processes / max(elapsed, 1e-9),
                         "nonfinite_skipped": state.nonfinite_skipped,
@@ -349,7 +358,7 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
     accelerator.wait_for_everyone()
     best = checkpoints_dir / checkpoint_name(state.best_step)
     if main:
-        export_student(best, student, objective, student_dir)
+        export_student(best, student, objective, student_dir, run_dir)
     final_bpb = state.history[-1]["bpb"] if state.history else initial.bits_per_byte
     # Tear the process group down before the interpreter exits: gloo's threads otherwise abort the process at exit.
     # Every process first waits for the export, so none destroys its side while a peer is still working.
@@ -430,9 +439,12 @@ def _resume(resume, checkpoints_dir, student, objective, optimizer, scheduler, p
     return loaded.state
 
 
-def export_student(checkpoint: Path, student, objective, out_dir: Path) -> None:
-    """Write the student of `checkpoint` as a plain Hugging Face folder (model + tokenizer), atomically."""
+def export_student(checkpoint: Path, student, objective, out_dir: Path, run_dir: Path) -> None:
+    """Write the student of `checkpoint` as a plain Hugging Face folder (model + tokenizer + the model card made from
+    `run_dir`'s records), atomically."""
     import shutil
+
+    from crosskd.report.model_card import write_model_card
 
     loaded = load_checkpoint(checkpoint)
     model = student.model
@@ -442,6 +454,7 @@ def export_student(checkpoint: Path, student, objective, out_dir: Path) -> None:
         shutil.rmtree(temporary)
     model.save_pretrained(temporary)
     student.tokenizer.save_pretrained(temporary)
+    write_model_card(temporary, run_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     temporary.rename(out_dir)
