@@ -475,4 +475,7 @@ def cli_train(args) -> int:
         f"skipped steps: {result.nonfinite_skipped} non-finite, {result.overflow_skipped} fp16 overflow\n"
         f"student saved to {result.student_dir} (load with AutoModelForCausalLM.from_pretrained)"
     )
+    from crosskd.report.page import write_report
+
+    print(f"report: {write_report([result.run_dir])}")
     return 0
