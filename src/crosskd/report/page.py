@@ -91,8 +91,8 @@ def _summary_table(runs: list[RunRecords], names: list[str]) -> str:
         cell_class = ' class="command"' if what == "command" else ""
         cells = "".join(f"<td{cell_class}>{html.escape(rows_of_run[position][1])}</td>" for rows_of_run in per_run)
         rows.append(f"<tr><th>{html.escape(what)}</th>{cells}</tr>")
-    runs_row = "<tr><th>run folder</th>" + "".join(f"<td>{html.escape(str(run.run_dir))}</td>" for run in runs)
-    return f"<table>{header}{runs_row}</tr>{''.join(rows)}</table>"
+    folders = "".join(f"<td>{html.escape(str(run.run_dir))}</td>" for run in runs)
+    return f"<table>{header}<tr><th>run folder</th>{folders}</tr>{''.join(rows)}</table>"
 
 
 def _settings_table(runs: list[RunRecords], names: list[str]) -> str:

@@ -173,10 +173,13 @@ def throughput_and_health(runs: list[RunRecords], names: list[str]) -> bytes | N
 def diagnostics(runs: list[RunRecords], names: list[str]) -> bytes | None:
     """Router health (expert shares, gate entropy, per-group error) and an MoE teacher's expert-usage entropy: one
     panel per family of keys (the part before '/')."""
-    def is_diagnostic(key: str) -> bool:
-        return key not in SCALAR_KEYS and not key.startswith(FAMILY_PREFIXES)
+    families = sorted({key.split("/")[0] for run in runs for key in _diagnostic_keys(run)})
+    return _render([_key_panel(family, runs,
+                               lambda run, family=family: [k for k in _diagnostic_keys(run) if k.split("/")[0] == family],
+                               label_of=lambda key: key.split("/", 1)[-1])
+                    for family in families], names)
 
-    families = sorted({key.split("/")[0] for run in runs for r in run.train for key in r if is_diagnostic(key)})
-    return _render([_key_panel(family, runs, lambda run, family=family: [
-        key for key in sorted({k for r in run.train for k in r}) if is_diagnostic(key) and key.split("/")[0] == family
-    ], label_of=lambda key: key.split("/", 1)[-1]) for family in families], names)
+
+def _diagnostic_keys(run: RunRecords) -> list[str]:
+    return sorted({key for record in run.train for key in record
+                   if key not in SCALAR_KEYS and not key.startswith(FAMILY_PREFIXES)})
