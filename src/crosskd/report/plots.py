@@ -81,6 +81,10 @@ def _render(panels: list[Panel], names: list[str], columns: int = 2) -> bytes | 
         ax.legend(fontsize="small")
     for ax in axes[len(panels):]:
         ax.set_visible(False)
+    return _png(figure)
+
+
+def _png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=90)
     return buffer.getvalue()
@@ -105,9 +109,7 @@ def loss_components(runs: list[RunRecords], names: list[str]) -> bytes | None:
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90)
-    return buffer.getvalue()
+    return _png(figure)
 
 
 def raw_terms(runs: list[RunRecords], names: list[str]) -> bytes | None:
@@ -174,9 +176,11 @@ def diagnostics(runs: list[RunRecords], names: list[str]) -> bytes | None:
     """Router health (expert shares, gate entropy, per-group error) and an MoE teacher's expert-usage entropy: one
     panel per family of keys (the part before '/')."""
     families = sorted({key.split("/")[0] for run in runs for key in _diagnostic_keys(run)})
-    return _render([_key_panel(family, runs,
-                               lambda run, family=family: [k for k in _diagnostic_keys(run) if k.split("/")[0] == family],
-                               label_of=lambda key: key.split("/", 1)[-1])
+
+    def members(family: str):
+        return lambda run: [key for key in _diagnostic_keys(run) if key.split("/")[0] == family]
+
+    return _render([_key_panel(family, runs, members(family), label_of=lambda key: key.split("/", 1)[-1])
                     for family in families], names)
 
 
