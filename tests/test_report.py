@@ -95,7 +95,7 @@ def test_train_prints_the_report_whose_numbers_are_the_runs_own(runs, browser):
     best_bpb, best_step = min([(start["bpb"], 0)] + [(e["bpb"], e["step"]) for e in evals])
     text = html.unescape(page.read_text())
     for what, value in (("held-out BPB before (untouched student)", start["bpb"]),
-                        (f"best BPB (the exported student) (step {best_step})", best_bpb),
+                        (f"best BPB, the exported student (step {best_step})", best_bpb),
                         (f"final BPB (step {STEPS})", evals[-1]["bpb"]),
                         ("teacher BPB", start["teacher_bpb"])):
         assert f"<th>{what}</th><td>{value:.4f}</td>" in text
@@ -106,6 +106,7 @@ def test_train_prints_the_report_whose_numbers_are_the_runs_own(runs, browser):
     assert start["command"] == f"crosskd train {run_dir.parent / 'kd.yaml'}"
     summary = summarise(read_run(run_dir))
     assert summary.wall_seconds == train[-1]["wall_seconds"] > train[0]["wall_seconds"] > 0
+    assert f"<th>wall time</th><td>{summary.wall_seconds:.0f} s</td>" in text
     assert summary.peak_memory_bytes == max(r["peak_memory_bytes"] for r in train) > 0
     # What the report needed that the log did not hold before: one entry each in every train record.
     for record in train:
@@ -145,7 +146,7 @@ def test_the_exported_student_has_a_model_card_from_the_runs_records(runs, tmp_p
                      f"| teacher BPB | {start['teacher_bpb']:.4f} |",
                      start["command"]):
         assert expected in card
-    assert re.search(rf"\| best BPB \(the exported student\) \(step \d+\) \| {best:.4f} \|", card)
+    assert re.search(rf"\| best BPB, the exported student \(step \d+\) \| {best:.4f} \|", card)
     assert f"data:\n  source: {run_dir.parent / 'corpus'}" in card  # the settings: the run's resolved config
 
     # A student named by its Hub id is linked as the card's base model.

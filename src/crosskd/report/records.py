@@ -127,17 +127,16 @@ def summary_rows(summary: Summary) -> list[tuple[str, str]]:
     """The summary as (what, value) rows, shared by the report's table and the model card."""
     best_at = f" (step {summary.best_step})" if summary.best_step is not None else ""
     final_at = f" (step {summary.final_step})" if summary.final_step is not None else ""
-    wall = None if summary.wall_seconds is None else f"{summary.wall_seconds / 60:.1f} min"
     memory = None if summary.peak_memory_bytes is None else f"{summary.peak_memory_bytes / 2**30:.2f} GiB"
     gap = None if summary.gap_closed is None else f"{100 * summary.gap_closed:.1f} %"
     return [
         ("held-out BPB before (untouched student)", _bpb(summary.before_bpb)),
-        (f"best BPB (the exported student){best_at}", _bpb(summary.best_bpb)),
+        (f"best BPB, the exported student{best_at}", _bpb(summary.best_bpb)),
         (f"final BPB{final_at}", _bpb(summary.final_bpb)),
         ("teacher BPB", _bpb(summary.teacher_bpb)),
         ("gap to the teacher closed", gap or "n/a"),
         ("optimizer steps", str(summary.steps)),
-        ("wall time", wall or "n/a"),
+        ("wall time", _duration(summary.wall_seconds)),
         ("peak memory", memory or "n/a"),
         ("command", "\n".join(summary.commands) or "n/a"),
     ]
@@ -145,3 +144,11 @@ def summary_rows(summary: Summary) -> list[tuple[str, str]]:
 
 def _bpb(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
