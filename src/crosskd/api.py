@@ -27,6 +27,8 @@ from crosskd.data.stdlib import heldout_text
 from crosskd.evaluate import bits_per_byte, folder_heldout_bpb
 from crosskd.models.loading import load_model
 from crosskd.models.reference import SetupError, ensure_reference_models
+from crosskd.report.model_card import write_model_card
+from crosskd.report.page import report_path, write_report
 from crosskd.teacher.cache import DEFAULT_SHARD_MEGABYTES, CacheSummary, TeacherCacheError, write_teacher_cache
 from crosskd.train.recipe import TrainingStopped, TrainResult, train
 from crosskd.vocab.transfer import transfer_class
@@ -47,8 +49,15 @@ def distill(config: ConfigSource, overrides: Sequence[str] = (), resume: str | N
             debug: bool = False) -> TrainResult:
     """Train the student as configured and return the run's result: its folders, held-out BPB before, best, final
     and of the teacher, and the skipped steps. `resume`: "latest" or a checkpoint folder. Raises `TrainingStopped`
-    when the run stopped on purpose (an emergency checkpoint was written first)."""
-    return train(load_config(config, overrides), resume=resume, debug=debug)
+    when the run stopped on purpose (an emergency checkpoint was written first).
+
+    The main process then writes the exported student's model card and the run's report (`report_path`), both read
+    back from the run folder's records (docs/REPORT.md)."""
+    result = train(load_config(config, overrides), resume=resume, debug=debug)
+    if PartialState().is_main_process:
+        write_model_card(result.student_dir, result.run_dir)
+        write_report([result.run_dir])
+    return result
 
 
 def cache_teacher(config: ConfigSource, overrides: Sequence[str] = (), processes: int = 1,
@@ -74,7 +83,8 @@ def cli_train(args) -> int:
         f"\nheld-out bits per byte: student before {result.initial_bpb:.4f} -> best {result.best_bpb:.4f} "
         f"(step {result.best_step}) | teacher {teacher}\n"
         f"skipped steps: {result.nonfinite_skipped} non-finite, {result.overflow_skipped} fp16 overflow\n"
-        f"student saved to {result.student_dir} (load with AutoModelForCausalLM.from_pretrained)"
+        f"student saved to {result.student_dir} (load with AutoModelForCausalLM.from_pretrained)\n"
+        f"report: {report_path(result.run_dir)}"
     )
     return 0
 

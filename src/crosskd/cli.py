@@ -53,6 +53,22 @@ def _add_train(sub) -> None:
     p.set_defaults(handler="crosskd.api:cli_train")
 
 
+def _add_report(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="an HTML page of plots and a summary of one or several runs, from their run folders",
+        description=(
+            "Write one self-contained HTML page (figures embedded) from the runs' own records (log.jsonl, "
+            "config.yaml, checkpoints' state): loss components, raw terms, held-out BPB against the untouched student "
+            "and the teacher, schedule, throughput, skipped steps, router diagnostics, a summary table. Several run "
+            "folders are overlaid on one page, written into the FIRST run's report/ folder unless --out is given."
+        ),
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders written by `crosskd train`")
+    p.add_argument("--out", help="folder for index.html (default: RUN_DIR/report of the first run)")
+    p.set_defaults(handler="crosskd.report.page:cli_report")
+
+
 def _add_cache_teacher(sub) -> None:
     p = sub.add_parser(
         "cache-teacher",
@@ -97,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Cross-tokenizer knowledge distillation: a teacher and a student with different vocabularies.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_setup_models, _add_align_report, _add_train, _add_cache_teacher, _add_eval, _add_generate):
+    for add in (_add_setup_models, _add_align_report, _add_train, _add_report, _add_cache_teacher, _add_eval,
+                _add_generate):
         add(sub)
     return parser
 

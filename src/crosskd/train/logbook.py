@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 
@@ -71,3 +73,11 @@ def check_sum(total: float, weighted: dict[str, float], tolerance: float = 1e-4)
     summed = sum(weighted.values())
     if not math.isclose(summed, total, rel_tol=tolerance, abs_tol=tolerance):
         raise AssertionError(f"weighted components sum to {summed:.6f} but the total is {total:.6f}: {weighted}")
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """The process's peak memory so far: allocated GPU memory on CUDA, else the resident set (host memory is where
+    the models live)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shlex
 import signal
 import sys
 import time
@@ -43,7 +44,7 @@ from crosskd.train.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from crosskd.train.logbook import Logbook, check_sum, format_step_line
+from crosskd.train.logbook import Logbook, check_sum, format_step_line, peak_memory_bytes
 from crosskd.train.objective import DistillationObjective
 from crosskd.vocab.transfer import ParameterGroup
 
@@ -164,6 +165,7 @@ class Run:
 
 
 def train(config: Config, resume: str | None = None, debug: bool = False) -> TrainResult:
+    started = time.perf_counter()
     run_dir = Path(config.output.run_dir)
     checkpoints_dir = run_dir / "checkpoints"
     training = config.training
@@ -239,6 +241,8 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
 
     logbook = run.logbook = Logbook(run_dir, total_steps, config.output.tensorboard, enabled=main,
                                     initial_step=state.step)
+    logbook.record("start", state.step, {"bpb": initial.bits_per_byte, "teacher_bpb": teacher_bpb,
+                                         "command": shlex.join(sys.argv)})
     windows = corpus.train_windows(start=state.windows_consumed, process_index=accelerator.process_index,
                                    num_processes=accelerator.num_processes, batch_size=training.batch_size)
     stopped_early = False
@@ -328,6 +332,11 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
                         "weighted": step_components,
                         "temperature": tau,
                         "lr": scheduler.get_last_lr()[0],
+                        **{f"lr/{group['name']}": group["lr"] for group in optimizer.param_groups},
+                        **{f"weight/{term}": weight for term, weight in weights.items()},
+                        "kd_position_share": (counts["kd"] / counts["lm"].clamp_min(1)).item(),
+                        "wall_seconds": time.perf_counter() - started,
+                        "peak_memory_bytes": peak_memory_bytes(accelerator.device),
                         "grad_norm": float(grad_norm),
                         "tokens_per_second": tokens_since_log * accelerator.num_processes / max(elapsed, 1e-9),
                         "nonfinite_skipped": state.nonfinite_skipped,
