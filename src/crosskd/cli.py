@@ -91,13 +91,35 @@ def _add_generate(sub) -> None:
     p.set_defaults(handler="crosskd.evaluate:cli_generate")
 
 
+def _add_plan(sub) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="estimate a run's peak training memory and the switches that make it fit",
+        description=(
+            "Estimate the peak memory of one training step of the configured run from its config and the two model "
+            "configs (no weights are loaded): a table of components, the total against --memory and, when it does "
+            "not fit, micro-batch, accumulation and switches that fit (docs/MEMORY.md). Without --memory: the "
+            "16, 24, 40 and 80 GiB cards."
+        ),
+    )
+    p.add_argument("config", help="the run's YAML or JSON config (see configs/reference.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, as for `crosskd train`")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cuda: tensor memory (max_memory_allocated); cpu: peak RSS, with the measured host runtime")
+    p.add_argument("--memory", help="memory of one device, e.g. 16GiB, 24GB, 81920MiB")
+    p.add_argument("--processes", type=int, default=1, help="data-parallel processes (adds DDP's gradient buckets)")
+    p.add_argument("--no-bf16", action="store_true", help="the card has no bfloat16 (P100, T4): suggest float16")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(handler="crosskd.plan:cli_plan")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crosskd",
         description="Cross-tokenizer knowledge distillation: a teacher and a student with different vocabularies.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_setup_models, _add_align_report, _add_train, _add_cache_teacher, _add_eval, _add_generate):
+    for add in (_add_setup_models, _add_align_report, _add_train, _add_cache_teacher, _add_eval, _add_generate, _add_plan):
         add(sub)
     return parser
 
