@@ -14,6 +14,12 @@ and after training (whole-vocabulary logits of 512-token windows) are phase boun
 - CUDA: `torch.cuda.max_memory_allocated()` after `torch.cuda.reset_peak_memory_stats()`: tensors only, which is what
   the planner's GPU figure estimates (no CUDA context, no caching-allocator slack). Not yet run: no GPU so far.
 
+CPU allocator: glibc keeps freed heap memory resident, and its mmap threshold grows with the sizes it has freed (up to
+32 MiB), so tensors smaller than that are served from a heap that does not shrink. `--allocator pinned` fixes the
+threshold at 64 KiB (MALLOC_MMAP_THRESHOLD_=65536): every tensor is its own mapping, returned when freed, and RSS
+follows the live tensors, which is what the planner estimates. The tiny pair (all tensors a few MiB) is measured both
+ways; the reference pair's large tensors are mapped either way.
+
 `measure` replaces that pair's cases in bench/results/memory_plan.json; `estimate` recomputes the estimate columns
 (the planner may change after a measurement; the measured figures do not).
 """
@@ -101,10 +107,16 @@ def run_case(config_path: str, overrides: list[str], device: str) -> dict:
             "seconds": round(time.perf_counter() - started, 1)}
 
 
-def _case_in_fresh_process(config_path: Path, overrides: list[str], device: str) -> dict:
+PINNED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def _case_in_fresh_process(config_path: Path, overrides: list[str], device: str, allocator: str) -> dict:
     command = [sys.executable, __file__, "_case", str(config_path), device, *overrides]
-    # accelerate takes the GPU whenever there is one; a CPU case must say so.
-    environment = {**os.environ, **({"ACCELERATE_USE_CPU": "true"} if device == "cpu" else {})}
+    environment = dict(os.environ)
+    if device == "cpu":
+        environment["ACCELERATE_USE_CPU"] = "true"  # accelerate takes the GPU whenever there is one
+        if allocator == "pinned":
+            environment.update(PINNED_MMAP_THRESHOLD)
     out = subprocess.run(command, capture_output=True, text=True, env=environment)
     if out.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{out.stderr[-3000:]}")
@@ -120,17 +132,20 @@ def _write_results(report: dict) -> None:
     RESULTS.write_text(json.dumps(report, indent=1) + "\n")
 
 
-def measure(pair: str, device: str) -> None:
+def measure(pair: str, device: str, allocator: str) -> None:
     report = _read_results()
-    kept = [case for case in report["cases"] if not (case["pair"] == pair and case["device"] == device)]
+    same = (pair, device, allocator)
+    kept = [case for case in report["cases"] if (case["pair"], case["device"], case["allocator"]) != same]
     measured = []
     for config_path, overrides in CASES[pair]:
-        case = {"pair": pair, **_case_in_fresh_process(config_path, overrides, device)}
+        case = {"pair": pair, "allocator": allocator,
+                **_case_in_fresh_process(config_path, overrides, device, allocator)}
         print(json.dumps(case), flush=True)
         measured.append(case)
     report["cases"] = kept + measured
-    report.setdefault("measure_commands", {})[f"{pair}/{device}"] = {
-        "command": f"OMP_NUM_THREADS=1 nice -n 10 python bench/memory_plan.py measure --pair {pair} --device {device}",
+    report.setdefault("measure_commands", {})[f"{pair}/{device}/{allocator}"] = {
+        "command": f"OMP_NUM_THREADS=1 nice -n 10 python bench/memory_plan.py measure --pair {pair} --device {device}"
+                   f" --allocator {allocator}",
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, Linux {platform.release()}, 2 cores "
                    "shared with other benchmarks (memory does not depend on the load)",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -150,7 +165,7 @@ def estimate() -> None:
         case["estimate_bytes"] = plan.total_bytes
         case["estimate_over_measured"] = round(plan.total_bytes / case["step_peak_bytes"], 3)
         case["components"] = {component.name: component.bytes for component in plan.components}
-        print(f"{case['pair']:9} {' '.join(case['overrides']):60} measured {case['step_peak_bytes'] / 2**20:8.0f} MiB "
+        print(f"{case['pair']:9} {case['allocator']:7} {' '.join(case['overrides']):60} measured {case['step_peak_bytes'] / 2**20:8.0f} MiB "
               f"estimate {plan.total_bytes / 2**20:8.0f} MiB ratio {case['estimate_over_measured']:.3f}")
     report["estimate_command"] = "python bench/memory_plan.py estimate"
     _write_results(report)
@@ -166,10 +181,12 @@ def main() -> None:
     measuring = sub.add_parser("measure")
     measuring.add_argument("--pair", choices=sorted(CASES), required=True)
     measuring.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    measuring.add_argument("--allocator", choices=("default", "pinned"), default="default",
+                           help="CPU only: pinned fixes glibc's mmap threshold so that RSS follows the live tensors")
     sub.add_parser("estimate")
     args = parser.parse_args()
     if args.command == "measure":
-        measure(args.pair, args.device)
+        measure(args.pair, args.device, args.allocator)
     else:
         estimate()
 
