@@ -165,7 +165,8 @@ def estimate() -> None:
         case["estimate_bytes"] = plan.total_bytes
         case["estimate_over_measured"] = round(plan.total_bytes / case["step_peak_bytes"], 3)
         case["components"] = {component.name: component.bytes for component in plan.components}
-        print(f"{case['pair']:9} {case['allocator']:7} {' '.join(case['overrides']):60} measured {case['step_peak_bytes'] / 2**20:8.0f} MiB "
+        print(f"{case['pair']:9} {case['allocator']:7} {' '.join(case['overrides']):60} "
+              f"measured {case['step_peak_bytes'] / 2**20:8.0f} MiB "
               f"estimate {plan.total_bytes / 2**20:8.0f} MiB ratio {case['estimate_over_measured']:.3f}")
     report["estimate_command"] = "python bench/memory_plan.py estimate"
     _write_results(report)

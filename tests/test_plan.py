@@ -197,8 +197,8 @@ def test_layer_saved_bytes_match_what_autograd_saves(mixed_precision):
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=half):
         model(input_ids=torch.randint(0, 300, (batch, window)), output_hidden_states=True, logits_to_keep=1)
     weight_copies = facts.parameters * 2 if half else 0  # autocast's cached 16-bit weights (their own component)
-    per_token_layer = (sum(saved.values()) - weight_copies) / (batch * window) - facts.final_norm_saved_bytes_per_token()
-    assert per_token_layer / facts.layers == pytest.approx(facts.layer_saved_bytes_per_token(2 if half else 4), rel=0.03)
+    per_token = (sum(saved.values()) - weight_copies) / (batch * window) - facts.final_norm_saved_bytes_per_token()
+    assert per_token / facts.layers == pytest.approx(facts.layer_saved_bytes_per_token(2 if half else 4), rel=0.03)
 
 
 def test_tiny_pair_estimate_is_within_20_percent_of_a_measured_peak():

@@ -207,7 +207,8 @@ def estimate_components(config: Config, teacher: ArchitectureFacts, student: Arc
 
     components = [
         Component("teacher weights", teacher.parameters * teacher_bytes, STATIC,
-                  _count_detail(teacher.parameters, "parameters", teacher_bytes, f"bytes ({config.models.teacher_dtype})")),
+                  _count_detail(teacher.parameters, "parameters", teacher_bytes,
+                                f"bytes ({config.models.teacher_dtype})")),
         Component("student weights", student_parameters * FLOAT32_BYTES, STATIC,
                   _count_detail(student_parameters, "parameters", FLOAT32_BYTES, "bytes (float32 master weights)")),
         Component("AdamW states", ADAMW_STATES * trainable * FLOAT32_BYTES, STATIC,
@@ -243,7 +244,8 @@ def estimate_components(config: Config, teacher: ArchitectureFacts, student: Arc
     if online:
         components.append(Component(
             "teacher hidden states", kept_states, TEACHER_FORWARD,
-            f"{'every layer' if terms.hidden_states else 'the last layer'}: [{batch}, {window}, {teacher.hidden_size}]"))
+            f"{'every layer' if terms.hidden_states else 'the last layer'}: "
+            f"[{batch}, {window}, {teacher.hidden_size}]"))
 
     if not terms.lm_only:
         # The signal the student's terms read: top-k ids (int64) and log-probabilities, the target mapped onto the

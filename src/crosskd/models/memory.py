@@ -55,7 +55,10 @@ class ArchitectureFacts:
         """
         hidden, kv, intermediate = self.hidden_size, self.key_value_size, self.intermediate_size
         norms = 2 * 2 * hidden * FLOAT32_BYTES
-        projection_inputs = 3 * hidden * FLOAT32_BYTES if activation_bytes == FLOAT32_BYTES else 6 * hidden * activation_bytes
+        if activation_bytes == FLOAT32_BYTES:
+            projection_inputs = 3 * hidden * FLOAT32_BYTES
+        else:
+            projection_inputs = 6 * hidden * activation_bytes
         attention = (hidden + 2 * kv) * activation_bytes + self.attention_heads * FLOAT32_BYTES
         mlp = 4 * intermediate * activation_bytes
         return norms + projection_inputs + attention + mlp
