@@ -93,6 +93,16 @@ def test_lm_only_runs_hold_no_teacher_signal(reference_shaped):
     assert component(plan, "teacher signal") == 0 and plan.phase_bytes("teacher forward") == 0
 
 
+def test_feature_terms_keep_every_teacher_layer_and_train_their_heads(reference_shaped):
+    plain = plan_memory(reference_config(reference_shaped))
+    routed = plan_memory(reference_config(reference_shaped, "router.enabled=true"))
+    # 25 hidden states (embeddings + 24 layers) instead of the last one.
+    assert component(routed, "teacher hidden states") == 25 * component(plain, "teacher hidden states")
+    assert component(plain, "objective modules") == 0 < component(routed, "objective modules")
+    projector = plan_memory(reference_config(reference_shaped, "objective.strategy=projector"))
+    assert component(projector, "objective modules") > 0
+
+
 def test_accumulation_keeps_gradients_through_the_step(reference_shaped):
     once = plan_memory(reference_config(reference_shaped))
     accumulated = plan_memory(reference_config(reference_shaped, "training.gradient_accumulation_steps=2"))
@@ -171,6 +181,20 @@ def test_cli_prints_the_table_the_verdict_and_json(reference_shaped, capsys):
                                                                                             plan["peak_phase"]))
     assert main([*args[:-2], "--memory", "lots"]) == 2
     assert "not a memory size" in capsys.readouterr().err
+    assert main([*args[:-2], "models.student=/no/such/model"]) == 2
+    assert "is a path but not an existing folder" in capsys.readouterr().err
+
+
+def test_without_memory_the_cli_plans_the_standard_cards_16_gib_in_float16(reference_shaped, capsys):
+    teacher, student = reference_shaped
+    assert main(["plan", str(REPO / "configs" / "reference.yaml"), f"models.teacher={teacher}",
+                 f"models.student={student}", "training.batch_size=16", "data.window_tokens=1024", "--json"]) == 0
+    plans = json.loads(capsys.readouterr().out)
+    assert [card.split()[0] for card in plans] == ["16GiB", "24GiB", "40GiB", "80GiB"]
+    small = plans["16GiB (P100, T4, V100-16)"]
+    assert small["fits"] is False and small["suggestions"]
+    assert not any("bf" in override for s in small["suggestions"] for override in s["overrides"])
+    assert plans["80GiB (A100-80, H100)"]["fits"] is True
 
 
 @pytest.mark.parametrize("mixed_precision", ["no", "bf16"])

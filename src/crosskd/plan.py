@@ -33,10 +33,16 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-import torch
+from accelerate import init_empty_weights
 
 from crosskd.config import Config, ConfigError, load_config, require_cacheable_terms, validate
-from crosskd.models.memory import DTYPE_BYTES, FLOAT32_BYTES, ArchitectureFacts, architecture_facts
+from crosskd.losses.contrastive import ContrastiveMatcher
+from crosskd.losses.layerwise import LayerwiseMatcher
+from crosskd.losses.router import DenseGroupMatcher, StudentAwareRouter, default_student_layer
+from crosskd.models.loading import ModelNotFoundError
+from crosskd.models.memory import DTYPE_BYTES, FLOAT32_BYTES, ArchitectureError, ArchitectureFacts, architecture_facts
+from crosskd.train.objective import schedule_settings
+from crosskd.vocab.projector import LogitProjector
 
 DEVICES = ("cuda", "cpu")
 STATIC, TEACHER_FORWARD, STUDENT_STEP, OPTIMIZER_STEP = "static", "teacher forward", "student step", "optimizer step"
@@ -45,9 +51,10 @@ ADAMW_STATES = 2  # exp_avg and exp_avg_sq, float32, one of each per trainable p
 # A plan fits when its estimate is at most this share of the memory: the CUDA context (hundreds of MiB, outside
 # max_memory_allocated), the caching allocator's fragmentation and the estimate's own error need the rest.
 USABLE_FRACTION = 0.9
-# The cards the issue plans for, by memory; the 16 GiB ones (P100, T4) have no bfloat16.
-CARDS = {"16GiB (P100, T4, V100-16)": 16 * 2**30, "24GiB (A10, L4, RTX 4090)": 24 * 2**30,
-         "40GiB (A100-40)": 40 * 2**30, "80GiB (A100-80, H100)": 80 * 2**30}
+# The cards planned for when no --memory is given: (memory, whether they compute in bfloat16). The 16 GB ones
+# (P100, T4, V100) have no bfloat16, so their suggestions use float16.
+CARDS = {"16GiB (P100, T4, V100-16)": (16 * 2**30, False), "24GiB (A10, L4, RTX 4090)": (24 * 2**30, True),
+         "40GiB (A100-40)": (40 * 2**30, True), "80GiB (A100-80, H100)": (80 * 2**30, True)}
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
@@ -150,8 +157,6 @@ class _Terms:
 
     @classmethod
     def of(cls, config: Config) -> _Terms:
-        from crosskd.train.objective import schedule_settings
-
         settings = schedule_settings(config)
         heads = any(alpha > 0 for alpha in (settings.feature_alpha, settings.layerwise_alpha,
                                             settings.contrastive_alpha))
@@ -161,17 +166,12 @@ class _Terms:
 
 
 def _objective_parameters(config: Config, teacher: ArchitectureFacts, student: ArchitectureFacts) -> int:
-    """Trainable parameters of the objective's own modules, built on the meta device from the classes it uses."""
-    from crosskd.losses.contrastive import ContrastiveMatcher
-    from crosskd.losses.layerwise import LayerwiseMatcher
-    from crosskd.losses.router import DenseGroupMatcher, StudentAwareRouter, default_student_layer
-    from crosskd.train.objective import schedule_settings
-    from crosskd.vocab.projector import LogitProjector
-
+    """Trainable parameters of the objective's own modules, built from the classes it uses with their parameters
+    on the meta device (accelerate's `init_empty_weights`: the constructors' own tensor arithmetic still runs)."""
     router, settings = config.router, schedule_settings(config)
     s, t = student.hidden_size, teacher.hidden_size
     modules = []
-    with torch.device("meta"):
+    with init_empty_weights():
         if config.objective.strategy == "projector":
             modules.append(LogitProjector(t, s, residual=config.objective.projector_residual))
         if settings.feature_alpha > 0:
@@ -415,9 +415,9 @@ def cli_plan(args) -> int:
             plans = {args.memory: plan_memory(config, args.device, parse_memory(args.memory), args.processes,
                                               bf16=not args.no_bf16)}
         else:
-            plans = {card: plan_memory(config, args.device, memory, args.processes, bf16=not args.no_bf16)
-                     for card, memory in CARDS.items()}
-    except ConfigError as error:
+            plans = {card: plan_memory(config, args.device, memory, args.processes, bf16=bf16 and not args.no_bf16)
+                     for card, (memory, bf16) in CARDS.items()}
+    except (ConfigError, ArchitectureError, ModelNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.json:
