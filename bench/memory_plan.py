@@ -132,6 +132,12 @@ def _write_results(report: dict) -> None:
     RESULTS.write_text(json.dumps(report, indent=1) + "\n")
 
 
+def _machine() -> str:
+    cpu = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+    return (f"{cpu.group(1) if cpu else platform.machine()}, {os.cpu_count()} cores (shared with other benchmarks: "
+            f"memory does not depend on the load), Linux {platform.release()}")
+
+
 def measure(pair: str, device: str, allocator: str) -> None:
     report = _read_results()
     same = (pair, device, allocator)
@@ -146,8 +152,7 @@ def measure(pair: str, device: str, allocator: str) -> None:
     report.setdefault("measure_commands", {})[f"{pair}/{device}/{allocator}"] = {
         "command": f"OMP_NUM_THREADS=1 nice -n 10 python bench/memory_plan.py measure --pair {pair} --device {device}"
                    f" --allocator {allocator}",
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, Linux {platform.release()}, 2 cores "
-                   "shared with other benchmarks (memory does not depend on the load)",
+        "machine": _machine(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "common_overrides": COMMON,
     }
