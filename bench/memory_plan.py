@@ -3,6 +3,7 @@
     python bench/memory_plan.py measure --pair tiny        # real runs, one fresh process each
     python bench/memory_plan.py measure --pair reference   # (4 runs, minutes each on 2 CPU cores)
     python bench/memory_plan.py estimate                   # the planner's figure for every recorded run, and ratios
+    python bench/memory_plan.py measure --pair reference --device cuda [--override models.teacher=FOLDER ...]
 
 Each case is `crosskd train` (train/recipe.py, unchanged) in a fresh process with `training.max_steps=2` and
 `training.eval_every=0`. What is measured is the peak of the TRAINING STEPS alone: the held-out evaluations before
@@ -138,20 +139,20 @@ def _machine() -> str:
             f"memory does not depend on the load), Linux {platform.release()}")
 
 
-def measure(pair: str, device: str, allocator: str) -> None:
+def measure(pair: str, device: str, allocator: str, extra: list[str]) -> None:
     report = _read_results()
     same = (pair, device, allocator)
     kept = [case for case in report["cases"] if (case["pair"], case["device"], case["allocator"]) != same]
     measured = []
     for config_path, overrides in CASES[pair]:
         case = {"pair": pair, "allocator": allocator,
-                **_case_in_fresh_process(config_path, overrides, device, allocator)}
+                **_case_in_fresh_process(config_path, [*overrides, *extra], device, allocator)}
         print(json.dumps(case), flush=True)
         measured.append(case)
     report["cases"] = kept + measured
     report.setdefault("measure_commands", {})[f"{pair}/{device}/{allocator}"] = {
         "command": f"OMP_NUM_THREADS=1 nice -n 10 python bench/memory_plan.py measure --pair {pair} --device {device}"
-                   f" --allocator {allocator}",
+                   f" --allocator {allocator}" + "".join(f" --override {o}" for o in extra),
         "machine": _machine(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "common_overrides": COMMON,
@@ -189,10 +190,13 @@ def main() -> None:
     measuring.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     measuring.add_argument("--allocator", choices=("default", "pinned"), default="default",
                            help="CPU only: pinned fixes glibc's mmap threshold so that RSS follows the live tensors")
+    measuring.add_argument("--override", action="append", default=[],
+                           help="an extra dotted override for every case, e.g. models.teacher=FOLDER for a model "
+                                "built from the reference config.json with random weights (memory depends on shapes)")
     sub.add_parser("estimate")
     args = parser.parse_args()
     if args.command == "measure":
-        measure(args.pair, args.device, args.allocator)
+        measure(args.pair, args.device, args.allocator, args.override)
     else:
         estimate()
 
