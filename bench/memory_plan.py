@@ -42,11 +42,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "memory_plan.json"
 COMMON = ["training.max_steps=2", "training.eval_every=0", "output.tensorboard=false"]
-# Each pair at two micro-batch sizes, with the teacher online (KD) and with KD off (the teacher is not run in steps).
+# Each pair at two micro-batch sizes, with the teacher online (KD) and with KD off (the teacher is not run in steps);
+# the tiny pair (free to run) also with gradient checkpointing and with bf16 autocast.
 CASES = {
     "tiny": [
         (REPO / "configs" / "tiny.yaml", ["data.window_tokens=256", f"training.batch_size={b}", *kd])
         for b in (16, 64) for kd in ([], ["objective.kd_alpha=0"])
+    ] + [
+        (REPO / "configs" / "tiny.yaml", ["data.window_tokens=256", "training.batch_size=64", switch])
+        for switch in ("training.gradient_checkpointing=true", "training.mixed_precision=bf16")
     ],
     "reference": [
         # A short held-out text keeps the evaluations around the measured steps cheap; it does not enter the steps.

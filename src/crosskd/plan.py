@@ -273,7 +273,7 @@ def estimate_components(config: Config, teacher: ArchitectureFacts, student: Arc
         how = (f"{tokens:,} positions x ({student.layers} layer inputs + one layer recomputed and its backward, "
                f"{per_layer:,} bytes each)")
     else:
-        activations = tokens * ((student.layers + 1) * per_layer + final_norm)
+        activations = tokens * (student.layers * per_layer + backward_working_set + final_norm)
         how = (f"{tokens:,} positions x ({student.layers} layers + one layer's backward) x {per_layer:,} bytes "
                "saved for backward")
     components.append(Component("student activations", activations, STUDENT_STEP, how))
