@@ -69,6 +69,12 @@ def _add_report(sub) -> None:
     p.set_defaults(handler="crosskd.report.page:cli_report")
 
 
+def _add_run_config(p) -> None:
+    """The arguments of a command that reads a run's config as `crosskd train` does."""
+    p.add_argument("config", help="the run's YAML or JSON config (see configs/reference.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, as for `crosskd train`")
+
+
 def _add_cache_teacher(sub) -> None:
     p = sub.add_parser(
         "cache-teacher",
@@ -80,8 +86,7 @@ def _add_cache_teacher(sub) -> None:
             "Train from it with teacher.source=cache (see docs/CACHE.md)."
         ),
     )
-    p.add_argument("config", help="the run's YAML or JSON config (see configs/reference.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, as for `crosskd train`")
+    _add_run_config(p)
     p.add_argument("--processes", type=int, default=1,
                    help="processes the run will train with (its budget is max_steps x batch x accumulation x processes)")
     p.add_argument("--shard-megabytes", type=float, help="approximate size of one shard (default 64)")
@@ -107,6 +112,22 @@ def _add_generate(sub) -> None:
     p.set_defaults(handler="crosskd.api:cli_generate")
 
 
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="estimate a run's peak training memory and the switches that make it fit",
+                       description="Estimate the peak memory of one training step from the run's config and the two "
+                       "model configs (no weights are loaded): a table of components, the total against --memory "
+                       "and, when it does not fit, micro-batches, accumulation and switches that do "
+                       "(docs/MEMORY.md). Without --memory: cards of 16, 24, 40 and 80 GiB.")
+    _add_run_config(p)
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cuda: tensor memory (max_memory_allocated); cpu: peak RSS, with the measured host runtime")
+    p.add_argument("--memory", help="memory of one device, e.g. 16GiB, 24GB, 81920MiB")
+    p.add_argument("--processes", type=int, default=1, help="data-parallel processes (adds DDP's gradient buckets)")
+    p.add_argument("--no-bf16", action="store_true", help="the card has no bfloat16 (P100, T4): suggest float16")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(handler="crosskd.plan:cli_plan")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crosskd",
@@ -114,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_setup_models, _add_align_report, _add_train, _add_report, _add_cache_teacher, _add_eval,
-                _add_generate):
+                _add_generate, _add_plan):
         add(sub)
     return parser
 

@@ -147,6 +147,9 @@ class TrainingConfig:
     batch_size: int = 4  # windows per micro-batch per process
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"  # no | fp16 | bf16
+    # Keep only each student layer's input and recompute the layer in backward: far less activation memory for about
+    # one more student forward of time (`crosskd plan` shows how much).
+    gradient_checkpointing: bool = False
     seed: int = 0
     max_consecutive_nonfinite: int = 5
     log_every: int = 1

@@ -104,7 +104,9 @@ def _reference_folders() -> tuple[Path, Path]:
 NAMED_PAIRS: dict[str, Callable[[], tuple[Path, Path]]] = {"reference": _reference_folders}
 
 
-def _from_pretrained(loader, source: ModelSource, **kwargs):
+def load_pretrained(loader, source: ModelSource, **kwargs):
+    """`loader.from_pretrained` (AutoConfig, AutoTokenizer, AutoModelForCausalLM) for a resolved model source; a
+    name the hub cannot provide raises ModelNotFoundError saying what to pass instead."""
     try:
         return loader.from_pretrained(source.location, **source.from_pretrained_kwargs(), **kwargs)
     except OSError as error:
@@ -142,7 +144,7 @@ def load_tokenizer(spec: str | os.PathLike, role: str = "tokenizer"):
 def _load_tokenizer(source: ModelSource, role: str):
     from transformers import AutoTokenizer
 
-    tokenizer = _from_pretrained(AutoTokenizer, source)
+    tokenizer = load_pretrained(AutoTokenizer, source)
     require_fast_tokenizer(tokenizer, role=f"{role} tokenizer of {source.spec!r}")
     ensure_pad_token(tokenizer)
     return tokenizer
@@ -160,7 +162,7 @@ def load_model(spec: str | os.PathLike, role: str, dtype: str = "float32") -> Lo
     tokenizer = _load_tokenizer(source, role)
     compute_dtype = DTYPES[dtype]
     load_dtype = compute_dtype if role == "teacher" else torch.float32
-    model = _from_pretrained(AutoModelForCausalLM, source, dtype=load_dtype)
+    model = load_pretrained(AutoModelForCausalLM, source, dtype=load_dtype)
     model.to(load_dtype)  # GGUF loading may dequantise to another dtype than asked
     if role == "teacher":
         model.eval()

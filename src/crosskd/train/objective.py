@@ -24,15 +24,13 @@ from crosskd.data.collate import DualBatch
 from crosskd.losses import calibration
 from crosskd.losses.attention import attention_alignment_loss, attention_layer_pairs
 from crosskd.losses.calibration import HiddenStateStats
-from crosskd.losses.contrastive import ContrastiveMatcher
 from crosskd.losses.divergences import get_divergence
-from crosskd.losses.layerwise import LayerwiseMatcher
+from crosskd.losses.heads import build_feature_heads
 from crosskd.losses.lm import chunked_cross_entropy, fused_chunked_losses, student_forward_kwargs
-from crosskd.losses.router import DenseGroupMatcher, StudentAwareRouter, default_student_layer
 from crosskd.losses.selection import PositionSelection, select_positions, step_counts
 from crosskd.losses.target import support_atoms
 from crosskd.losses.terms import PER_BATCH, PER_TOKEN, Term
-from crosskd.schedules import ScheduleSettings
+from crosskd.schedules import ScheduleSettings, schedule_settings
 from crosskd.teacher.cache import open_teacher_cache
 from crosskd.teacher.online import OnlineTeacher, TeacherSignal
 from crosskd.vocab.transfer import ParameterGroup, VocabularyTransfer, transfer_class
@@ -46,6 +44,28 @@ class CombinedLoss:
     total: Tensor
     weighted: dict[str, float]
     raw: dict[str, float]
+
+
+@dataclass(frozen=True)
+class TermSwitches:
+    """What a config's terms need of the teacher during the steps, from the config alone (the objective and
+    `crosskd plan` read the same rules)."""
+
+    lm_only: bool  # plain fine-tuning (KD weight 0, no extra or feature terms): the teacher is not run in the steps
+    hidden_states: bool  # a feature head or attention alignment reads every teacher layer's hidden states
+    attentions: bool  # attention alignment reads attention maps (eager attention on both sides)
+
+    @classmethod
+    def of(cls, config: Config, settings: ScheduleSettings | None = None) -> TermSwitches:
+        """The switches of `config` under `settings` (by default the config's own schedule, `schedule_settings`)."""
+        settings = settings or schedule_settings(config)
+        heads = any(alpha > 0 for alpha in (settings.feature_alpha, settings.layerwise_alpha,
+                                            settings.contrastive_alpha))
+        attentions = settings.attention_alpha > 0
+        hidden_states = heads or attentions
+        extra_terms = bool(transfer_class(config.objective).extra_term_names)
+        return cls(lm_only=settings.kd_alpha == 0 and not extra_terms and not hidden_states,
+                   hidden_states=hidden_states, attentions=attentions)
 
 
 class DistillationObjective(nn.Module):
@@ -62,6 +82,7 @@ class DistillationObjective(nn.Module):
         objective = config.objective
         self.config = config
         self.settings = settings
+        self.switches = TermSwitches.of(config, settings)
         self.lm_alpha = objective.lm_alpha
         self.chunk_size = objective.chunk_size
         self._student = [student.model]  # a list hides it from nn.Module registration
@@ -84,18 +105,8 @@ class DistillationObjective(nn.Module):
         router, settings = config.router, self.settings
         t_hidden, t_layers = teacher_model.config.hidden_size, teacher_model.config.num_hidden_layers
         s_hidden, s_layers = student_model.config.hidden_size, student_model.config.num_hidden_layers
-        self.matcher = self.layerwise = self.contrastive = None
-        if settings.feature_alpha > 0:
-            student_layer = router.student_layer or default_student_layer(s_layers)
-            common = dict(student_layer=student_layer, num_experts=router.num_experts)
-            self.matcher = (DenseGroupMatcher(s_hidden, t_hidden, t_layers, **common) if router.dense
-                            else StudentAwareRouter(s_hidden, t_hidden, t_layers, top_k=router.top_k, **common))
-        if settings.layerwise_alpha > 0:
-            self.layerwise = LayerwiseMatcher(s_hidden, t_hidden, s_layers, t_layers)
-        if settings.contrastive_alpha > 0:
-            # The last hidden states on both sides (the student's and teacher's final-norm outputs).
-            self.contrastive = ContrastiveMatcher(s_hidden, t_hidden, temperature=router.contrastive_temperature,
-                                                  student_layer=s_layers, teacher_layer=t_layers)
+        heads = build_feature_heads(router, settings, t_hidden, t_layers, s_hidden, s_layers)
+        self.matcher, self.layerwise, self.contrastive = heads.matcher, heads.layerwise, heads.contrastive
         self.attention_layer_pairs = (
             attention_layer_pairs(router.attention_layers or [s_layers // 2], s_layers, t_layers)
             if settings.attention_alpha > 0 else ()
@@ -118,7 +129,7 @@ class DistillationObjective(nn.Module):
 
     @property
     def uses_hidden_states(self) -> bool:
-        return bool(self.heads) or bool(self.attention_layer_pairs)
+        return self.switches.hidden_states
 
     def _calibration_layers(self) -> tuple[int, ...]:
         layers = {layer for head in (self.matcher, self.layerwise) if head is not None for layer in head.teacher_layers}
@@ -188,7 +199,7 @@ class DistillationObjective(nn.Module):
     @property
     def lm_only(self) -> bool:
         """Plain fine-tuning (kd_alpha 0, no extra or feature terms): the teacher is not run during training."""
-        return self.settings.kd_alpha == 0 and not self.transfer.extra_term_names and not self.uses_hidden_states
+        return self.switches.lm_only
 
     def wants_attentions(self, weights: dict[str, float]) -> bool:
         """Attention maps are requested only while the attention term's weight is non-zero (they cost memory)."""

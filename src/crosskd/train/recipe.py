@@ -190,6 +190,8 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
     phase(f"loading teacher {config.models.teacher} and student {config.models.student}")
     teacher = load_model(config.models.teacher, "teacher", dtype=config.models.teacher_dtype)
     student = load_model(config.models.student, "student")
+    if training.gradient_checkpointing:  # non-reentrant, the form PyTorch recommends (it warns when none is chosen)
+        student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     teacher.model.to(accelerator.device)
 
     # --- data -----------------------------------------------------------------------------------------------------

@@ -358,11 +358,15 @@ class ProjectorTransfer(DivergenceTransfer):
     def prepares_on_training_windows(cls, objective) -> bool:
         return True
 
+    @classmethod
+    def build_modules(cls, objective, teacher_hidden: int, student_hidden: int) -> dict[str, nn.Module]:
+        return {"projector": LogitProjector(teacher_hidden, student_hidden, residual=objective.projector_residual)}
+
     def __init__(self, config, teacher, student):
         super().__init__(config, teacher, student)
         objective = config.objective
-        self.projector = LogitProjector(teacher.model.config.hidden_size, student.model.config.hidden_size,
-                                        residual=objective.projector_residual)
+        self.projector = self.build_modules(objective, teacher.model.config.hidden_size,
+                                            student.model.config.hidden_size)["projector"]
         self.reads_final_hidden = objective.projector_features == "final_hidden"
         self.anchor_alpha = objective.projector_anchor_alpha
         self.top_k = objective.kd_top_k

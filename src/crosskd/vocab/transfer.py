@@ -69,6 +69,12 @@ class VocabularyTransfer(ABC):
         """Whether `prepare` reads the preparation windows (a teacher cache must then hold their signal)."""
         return False
 
+    @classmethod
+    def build_modules(cls, objective: ObjectiveConfig, teacher_hidden: int, student_hidden: int) -> dict[str, nn.Module]:
+        """The transfer's trainable modules for models of these hidden sizes, by name (their checkpoint keys): what
+        a run trains and what `crosskd plan` counts (built on the meta device there)."""
+        return {}
+
     # --- one run ------------------------------------------------------------------------------------------------
     def __init__(self, config: Config, teacher, student):
         self.config = config
