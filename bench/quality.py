@@ -110,6 +110,8 @@ METHODS: dict[str, Method] = {
                                   "first-token, run-past pairs excluded, no LM term, no KD warm-up (cached)"),
     "first-token-kd-only-merge": Method("C", (*from_cache(), *NO_KD_WARMUP, "objective.lm_alpha=0"),
                                         "crosskd default's target (merge), no LM term, no KD warm-up (cached)"),
+    "first-token-kd-balance": Method("C", (*from_cache(), "objective.kd_balance=gradient-norm"),
+                                     "crosskd default, KD scaled to the LM term's gradient norm (cached)"),
     "first-token-kd3": Method("C", (*from_cache(), *NO_KD_WARMUP, "objective.kd_alpha=3"),
                               "crosskd default with KD weight 3 from step 0 (cached)"),
     "first-token-rkl": Method("C", (*from_cache(), "objective.divergence=reverse_kl"),
@@ -433,7 +435,8 @@ def plot(results: dict[str, dict], path: Path = PLOT_PATH) -> None:
     axes.set_ylabel("held-out bits per byte (lower is better)")
     steps = next((r["steps"] for r in trained.values() if "steps" in r), PROTOCOL_STEPS)
     axes.set_title(f"Reference pair, {steps} steps x 4 windows x 256 tokens\n"
-                   "grey: LM-only, orange: TRL GOLD, blue: crosskd; * off-protocol (lr 1e-4)", fontsize=10)
+                   "grey: LM-only, orange: TRL GOLD, blue: crosskd; * off-protocol (its learning rate or schedule)",
+                   fontsize=10)
     axes.set_xticks(range(len(order)), [f"{m} *" if m in METHODS and METHODS[m].off_protocol else m for m in order])
     plt.setp(axes.get_xticklabels(), rotation=20, ha="right")
     figure.tight_layout()

@@ -4,7 +4,6 @@ planner's own estimate, bad input is refused clearly, and the tiny pair's estima
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 

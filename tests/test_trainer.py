@@ -25,6 +25,7 @@ from crosskd.train.recipe import TrainingStopped
 from trainer_helpers import (
     inject_nan_loss,
     log_records,
+    objective_and_first_batch,
     run_training,
     tiny_config,
     write_single_window_corpus,
@@ -98,12 +99,7 @@ def test_merge_policy_distils_every_aligned_pair_and_its_kd_decreases(tmp_path):
     config = tiny_config(tmp_path, "training.max_steps=6", "training.batch_size=1", "objective.mismatch_policy=merge",
                          "schedule.kd_warmup_start=1.0",
                          corpus=corpus)
-    teacher = load_model(config.models.teacher, "teacher")
-    student = load_model(config.models.student, "student")
-    objective = DistillationObjective(config, teacher, student, schedule_settings(config))
-    corpus = TrainingCorpus(config.data, student.tokenizer, teacher.tokenizer, teacher.vocab.pad_id)
-    batch = collate_windows(next(corpus.train_windows(start=0, process_index=0, num_processes=1, batch_size=1)),
-                            teacher.vocab.pad_id)
+    objective, batch = objective_and_first_batch(config, batch_size=1)
     assert int(objective.select(batch).counts()["kd"]) == len(batch.pair_batch)
     run_training(config)
     kd = [r["loss/kd"] for r in log_records(config.output.run_dir)]

@@ -11,19 +11,15 @@ from accelerate.state import AcceleratorState
 
 import crosskd
 from crosskd.config import ConfigError
-from crosskd.data.collate import IGNORE_INDEX, collate_windows
-from crosskd.data.corpus import TrainingCorpus
+from crosskd.data.collate import IGNORE_INDEX
 from crosskd.losses.divergences import DIVERGENCES
 from crosskd.losses.selection import select_positions, step_counts
 from crosskd.losses.target import TopKTarget
-from crosskd.models.loading import load_model
-from crosskd.schedules import schedule_settings
 from crosskd.teacher.cache_format import read_index
 from crosskd.teacher.online import TeacherNeeds
-from crosskd.train.objective import DistillationObjective
 from crosskd.vocab.first_token import load_or_build_first_token_map, push_topk_through_map
 from crosskd.vocab.transfer import TRANSFERS, DivergenceTransfer
-from trainer_helpers import log_records, run_training, tiny_config
+from trainer_helpers import log_records, objective_and_first_batch, run_training, tiny_config
 
 
 class SameEndTopOne(DivergenceTransfer):
@@ -57,19 +53,10 @@ def toy_transfer(monkeypatch):
     return SameEndTopOne
 
 
-def _objective_and_batch(config):
-    teacher = load_model(config.models.teacher, "teacher")
-    student = load_model(config.models.student, "student")
-    objective = DistillationObjective(config, teacher, student, schedule_settings(config))
-    corpus = TrainingCorpus(config.data, student.tokenizer, teacher.tokenizer, teacher.vocab.pad_id)
-    windows = next(corpus.train_windows(start=0, process_index=0, num_processes=1, batch_size=2))
-    return objective, collate_windows(windows, teacher.vocab.pad_id)
-
-
 def test_a_transfer_defined_here_is_selected_by_the_config_and_trains_end_to_end(tmp_path, toy_transfer):
     config = tiny_config(tmp_path, f"objective.strategy={toy_transfer.name}", "training.max_steps=3",
                          "schedule.kd_warmup_start=1.0")
-    objective, batch = _objective_and_batch(config)
+    objective, batch = objective_and_first_batch(config)
     selection = objective.select(batch)
     same_end = batch.pair_student_next_bytes == batch.pair_teacher_next_bytes
     assert 0 < int(selection.counts()["kd"]) == int(same_end.sum()) < len(same_end)
@@ -86,7 +73,7 @@ def test_a_transfer_defined_here_is_selected_by_the_config_and_trains_end_to_end
     (("objective.strategy=projector", "objective.projector_features=topk_embeddings"), "topk", "final_hidden"),
 ])
 def test_the_online_teacher_computes_only_what_the_transfer_declares(tmp_path, overrides, computed, not_computed):
-    objective, batch = _objective_and_batch(tiny_config(tmp_path, *overrides))
+    objective, batch = objective_and_first_batch(tiny_config(tmp_path, *overrides))
     signal = objective.teacher_signal(batch, weights={"attention": 0.0})
     assert getattr(signal, computed) is not None and getattr(signal, not_computed) is None
 
@@ -116,7 +103,7 @@ def test_every_registered_divergence_is_accepted_and_trains(tmp_path, divergence
 
 
 def test_a_loss_mask_removes_positions_from_every_term_and_from_the_counts(tmp_path):
-    objective, batch = _objective_and_batch(tiny_config(tmp_path, "objective.mismatch_policy=exclude"))
+    objective, batch = objective_and_first_batch(tiny_config(tmp_path, "objective.mismatch_policy=exclude"))
     kd_pairs = objective.transfer.kd_pairs(batch)
     unmasked = select_positions(batch, kd_pairs)
     trained = torch.zeros_like(batch.student_input_ids, dtype=torch.bool)
@@ -135,7 +122,7 @@ def test_a_loss_mask_removes_positions_from_every_term_and_from_the_counts(tmp_p
 
 
 def test_without_a_loss_mask_the_selection_keeps_every_target_and_the_transfers_pairs(tmp_path):
-    objective, batch = _objective_and_batch(tiny_config(tmp_path, "objective.mismatch_policy=exclude"))
+    objective, batch = objective_and_first_batch(tiny_config(tmp_path, "objective.mismatch_policy=exclude"))
     selection = objective.select(batch)
     assert torch.equal(selection.lm_targets, batch.student_targets.reshape(-1))
     assert torch.equal(selection.kd_pairs, batch.pair_student_next_bytes <= batch.pair_teacher_next_bytes)

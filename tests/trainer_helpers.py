@@ -19,7 +19,11 @@ import torch
 from accelerate.state import AcceleratorState
 
 from crosskd.config import Config, load_config
+from crosskd.data.collate import collate_windows
+from crosskd.data.corpus import TrainingCorpus
 from crosskd.data.stdlib import stdlib_root
+from crosskd.models.loading import load_model
+from crosskd.schedules import schedule_settings
 from crosskd.train.objective import DistillationObjective
 from crosskd.train.recipe import TrainResult, train
 
@@ -71,6 +75,16 @@ def tiny_config(tmp_path: Path, *overrides: str, corpus: Path | None = None) -> 
         f"output.run_dir={tmp_path / 'run'}",
         *overrides,
     ])
+
+
+def objective_and_first_batch(config: Config, batch_size: int = 2):
+    """The run's objective (built as `train` builds it) and the first micro-batch of its window stream."""
+    teacher = load_model(config.models.teacher, "teacher")
+    student = load_model(config.models.student, "student")
+    objective = DistillationObjective(config, teacher, student, schedule_settings(config))
+    corpus = TrainingCorpus(config.data, student.tokenizer, teacher.tokenizer, teacher.vocab.pad_id)
+    windows = next(corpus.train_windows(start=0, process_index=0, num_processes=1, batch_size=batch_size))
+    return objective, collate_windows(windows, teacher.vocab.pad_id)
 
 
 def log_records(run_dir: Path, kind: str = "train") -> list[dict]:

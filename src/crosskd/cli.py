@@ -48,7 +48,12 @@ def _add_train(sub) -> None:
     )
     p.add_argument("config", help="YAML or JSON config (see configs/reference.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.max_steps=25 objective.kd_top_k=64")
-    p.add_argument("--resume", nargs="?", const="latest", help="resume from the run's latest checkpoint (or a path)")
+    # A flag, not an optional value: `--resume training.x=5` must leave the override an override.
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_const", const="latest",
+                        help="resume from the run's latest checkpoint")
+    resume.add_argument("--resume-from", dest="resume", metavar="CHECKPOINT",
+                        help="resume from this checkpoint folder (RUN_DIR/checkpoints/step-…)")
     p.add_argument("--debug", action="store_true", help="print raw and weighted loss components and check their sum")
     p.set_defaults(handler="crosskd.api:cli_train")
 
@@ -146,8 +151,21 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with dotted overrides allowed after the flags too (`train C --resume training.x=5`):
+    argparse ends a `nargs="*"` positional at the first flag, so later overrides come back unrecognised and are
+    appended here; anything else unrecognised is still an error."""
+    parser = build_parser()
+    args, unrecognised = parser.parse_known_args(argv)
+    if unrecognised:
+        if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in unrecognised):
+            parser.error(f"unrecognized arguments: {' '.join(unrecognised)}")
+        args.overrides = [*args.overrides, *unrecognised]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
     _quiet_libraries()
     module_name, function_name = args.handler.split(":")
     module = __import__(module_name, fromlist=[function_name])

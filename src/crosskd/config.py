@@ -57,6 +57,12 @@ class DataConfig:
     # The held-out text is the concatenation of the held-out documents cut to this many characters (null: all).
     eval_max_chars: int | None = HELDOUT_CHARS
     seed: int = 0
+    # Train on only the first this many windows of the training stream (null: all of it), repeated every epoch in a
+    # new seeded order (the first epoch keeps the stream's): a small corpus, as a user with little text has one.
+    max_train_windows: int | None = None
+
+
+KD_BALANCES = ("fixed", "gradient-norm")
 
 
 @dataclass
@@ -86,6 +92,10 @@ class ObjectiveConfig:
     # summary of its prediction rather than of its state; a cache stores only the top-k for it).
     projector_features: str = "final_hidden"
     projector_anchor_alpha: float = 1.0
+    # How the KD term is weighted against the LM term: `fixed` (kd_alpha and the KD warm-up alone) or
+    # `gradient-norm` (each micro-batch, KD is also scaled by the detached ratio of the LM and KD gradient norms at
+    # the student's final hidden states, so both terms pull with the same strength there; docs/OBJECTIVE.md).
+    kd_balance: str = "fixed"
 
 
 @dataclass
@@ -304,6 +314,10 @@ def validate(config: Config) -> None:
     check_choice(training.mixed_precision, ("no", "fp16", "bf16"), "training.mixed_precision")
     check_choice(config.optimizer.scheduler, ("cosine", "constant"), "optimizer.scheduler")
     check_choice(config.teacher.source, ("online", "cache"), "teacher.source")
+    check_choice(config.objective.kd_balance, KD_BALANCES, "objective.kd_balance")
+    if config.data.max_train_windows is not None and config.data.max_train_windows < 1:
+        raise ConfigError(f"data.max_train_windows must be at least 1 or null (all windows), got "
+                          f"{config.data.max_train_windows}")
     if objective.kd_top_k < 1:
         raise ConfigError("objective.kd_top_k must be at least 1")
     if config.data.window_tokens < 2:

@@ -4,7 +4,8 @@ Epoch e shuffles the training documents (in the source's own deterministic order
 stdlib, row order for datasets) with `random.Random(seed + e)`: with seed 0 the first epoch
 is exactly the benchmark protocol's window order. The stream is one global sequence of windows; each optimizer step
 takes `batch_size x accumulation x processes` consecutive windows and process p reads its own slice of each
-micro-batch, so the data position of a resumed run is a single number (`windows_consumed`).
+micro-batch, so the data position of a resumed run is a single number (`windows_consumed`). With
+`data.max_train_windows` the stream is the first epoch's first windows, repeated in a new seeded order each epoch.
 """
 
 from __future__ import annotations
@@ -54,15 +55,34 @@ class TrainingCorpus:
         random.Random(self.config.seed + epoch).shuffle(documents)
         return documents
 
+    def _epoch_windows(self, epoch: int) -> Iterator[DualWindow]:
+        return dual_windows(self._epoch_documents(epoch), self.student_tokenizer, self.teacher_tokenizer,
+                            self.config.window_tokens)
+
     def _all_windows(self) -> Iterator[DualWindow]:
-        for epoch in itertools.count():
-            yield from dual_windows(self._epoch_documents(epoch), self.student_tokenizer, self.teacher_tokenizer,
-                                    self.config.window_tokens)
+        limit = self.config.max_train_windows
+        if limit is None:
+            for epoch in itertools.count():
+                yield from self._epoch_windows(epoch)
+            return
+        # A small corpus: the first epoch's first `limit` windows, then the same windows again in a new order each
+        # epoch (seeded, so a resumed run reads what the straight run read).
+        kept = list(itertools.islice(self._epoch_windows(0), limit))
+        if not kept:
+            raise ValueError("the training documents give no window of data.window_tokens tokens; add text or lower "
+                             "data.window_tokens")
+        yield from kept
+        for epoch in itertools.count(1):
+            order = list(range(len(kept)))
+            random.Random(self.config.seed + epoch).shuffle(order)
+            yield from (kept[index] for index in order)
 
     def count_train_windows(self) -> int:
         """Windows in one epoch (tokenises the training documents with the student once)."""
         tokens = sum(len(encode_with_byte_spans(self.student_tokenizer, d.text)) + 1 for d in self.train_documents)
-        return tokens // self.config.window_tokens
+        windows = tokens // self.config.window_tokens
+        limit = self.config.max_train_windows
+        return windows if limit is None else min(windows, limit)
 
     def optimizer_steps(self, training: TrainingConfig, windows_per_step: int) -> int:
         """The run's length in optimizer steps: training.max_steps, or training.epochs over the training windows."""

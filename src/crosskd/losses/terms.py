@@ -20,5 +20,5 @@ class Term:
     value: Tensor  # a sum over positions (PER_TOKEN) or a micro-batch value (PER_BATCH)
     kind: str
     count_key: str | None = None  # which position count normalises it (a key of `PositionSelection.counts`)
-    weight_key: str | None = None  # which schedule weight multiplies it (None: `scale`)
-    scale: float = 1.0  # its constant weight when no schedule weight applies
+    weight_key: str | None = None  # which schedule weight multiplies it (None: none)
+    scale: float = 1.0  # a constant factor on top of it (the LM weight, a KD balance)

@@ -173,7 +173,8 @@ class CacheLayout:
 # The fingerprint: what must be equal for a cache to serve a run exactly
 
 
-DATA_KEYS = ("source", "text_field", "window_tokens", "heldout_documents", "eval_fraction", "eval_max_chars", "seed")
+DATA_KEYS = ("source", "text_field", "window_tokens", "heldout_documents", "eval_fraction", "eval_max_chars", "seed",
+             "max_train_windows")
 # Fingerprint fields that must be equal, each with what changes it. Fields named like config keys are those keys.
 FINGERPRINT_FIELDS = {
     "format": "the cache format of this crosskd version",

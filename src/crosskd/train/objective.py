@@ -84,6 +84,7 @@ class DistillationObjective(nn.Module):
         self.settings = settings
         self.switches = TermSwitches.of(config, settings)
         self.lm_alpha = objective.lm_alpha
+        self.kd_balance = objective.kd_balance
         self.chunk_size = objective.chunk_size
         self._student = [student.model]  # a list hides it from nn.Module registration
         transfer_type = transfer_class(objective)
@@ -237,14 +238,31 @@ class DistillationObjective(nn.Module):
         # One chunk loop for both terms: the KD rows first, in pair order, then the rows only LM uses.
         sums = fused_chunked_losses(flat_hidden, head_weight, selection.lm_targets, selection.kd_rows, target,
                                     transfer.kd_loss_sum(temperature, flat_hidden.device), self.chunk_size)
+        kd_sum = transfer.scaled_kd_sum(sums.kd_sum, temperature)
         terms = {
             "lm": Term(sums.lm_sum, PER_TOKEN, count_key="lm", scale=self.lm_alpha),
-            "kd": Term(transfer.scaled_kd_sum(sums.kd_sum, temperature), PER_TOKEN, count_key="kd", weight_key="kd"),
+            "kd": Term(kd_sum, PER_TOKEN, count_key="kd", weight_key="kd",
+                       scale=self._kd_balance(sums.lm_sum, kd_sum, selection, hidden, weights)),
         }
         terms.update(transfer.extra_terms(inputs, selection, head_weight))
         if self.uses_hidden_states:
             terms.update(self._feature_terms(student_hidden_states, student_attentions, signal, selection, weights))
         return terms
+
+    def _kd_balance(self, lm_sum: Tensor, kd_sum: Tensor, selection: PositionSelection, hidden: Tensor,
+                    weights: dict[str, float]) -> float:
+        """The KD term's balance factor: 1 with `objective.kd_balance: fixed`; with `gradient-norm`, the ratio of the
+        LM and KD gradient norms at the student's final hidden states, each term divided by this micro-batch's own
+        positions (the step's counts are not known yet; equal micro-batches give the same ratio). The ratio is a
+        detached number: it rescales the KD gradient and has none of its own. Logged as `kd_balance`."""
+        if self.kd_balance == "fixed" or not torch.is_grad_enabled() or not weights["kd"] > 0:
+            return 1.0
+        counts = selection.counts()
+        lm_norm, kd_norm = (torch.autograd.grad(value, hidden, retain_graph=True)[0].norm().item() / max(int(n), 1)
+                            for value, n in ((lm_sum, counts["lm"]), (kd_sum, counts["kd"])))
+        ratio = lm_norm / kd_norm if kd_norm > 0 else 1.0
+        self._diagnostics["kd_balance"] = ratio
+        return ratio
 
     def _feature_terms(self, student_states, student_attentions, signal: TeacherSignal,
                        selection: PositionSelection, weights) -> dict[str, Term]:
@@ -258,7 +276,7 @@ class DistillationObjective(nn.Module):
             matched = self.matcher(student_states, teacher_states, pairs, self.stats,
                                    student_grad_weight=weights["feature"])
             terms["feature"] = Term(matched.feature.sum, PER_TOKEN, count_key="features")
-            self._diagnostics = {f"group_mse/{e}": float(v) for e, v in enumerate(matched.group_mse.tolist())}
+            self._diagnostics.update({f"group_mse/{e}": float(v) for e, v in enumerate(matched.group_mse.tolist())})
             if matched.routing is not None:
                 routing = matched.routing
                 terms["load_balance"] = Term(routing.load_balance, PER_BATCH, weight_key="load_balance")
@@ -293,7 +311,7 @@ class DistillationObjective(nn.Module):
                 normalised = term.value * processes / counts[term.count_key].clamp_min(1).to(term.value.dtype)
             else:
                 normalised = term.value / micro_batches
-            contribution = normalised * (weights[term.weight_key] if term.weight_key else term.scale)
+            contribution = normalised * (term.scale * (weights[term.weight_key] if term.weight_key else 1.0))
             total = contribution if total is None else total + contribution
             weighted[name] = contribution.detach().item() / processes
             raw[name] = normalised.detach().item() / processes

@@ -1,0 +1,209 @@
+"""How KD's margin over LM-only grows with the training budget, and what it is worth in LM-only tokens.
+
+One run per method, 480 optimizer steps of 4 x 256 tokens (no window repeated: the protocol's window stream continues
+past its first 240 windows), evaluated every 60 steps (the curve's points: 60, 120, 240 and 480). The data-limited
+case (`--data-limited`) trains 4 epochs over the 240 protocol windows (`data.max_train_windows=240`), evaluated after
+each epoch: what a user with a small corpus gets, where LM-only is expected to overfit. The learning rate is constant
+after the protocol's 6 warm-up steps and the KD warm-up spans the protocol's first 12 steps whatever the run's length,
+so a run's BPB at step s stands for a run of s steps. The teacher comes from a cache of the whole run's windows
+(`cache-teacher` resumes, so it can be built over several sittings); every run checkpoints at each evaluation and
+resumes where it stopped, so the benchmark can span sessions.
+
+    python bench/budget_curve.py                                  # every method, resuming what is there
+    python bench/budget_curve.py --methods lm-only,first-token    # only these
+    python bench/budget_curve.py --data-limited                   # 4 epochs over the 240 protocol windows
+    python bench/budget_curve.py --summary                        # summary.json and the tables from the runs
+
+Methods are named as in bench/quality.py and take its overrides (their teacher cache moved to this run length's).
+Writes bench/results/budget/summary.json:
+{"untouched_bpb", "teacher_bpb", "methods": {name: {"steps", "bpb", "wall_seconds", "step_seconds", "overrides"}},
+ "multiplier": {name: {"<steps>": x}}, "extrapolated": {name: {"<steps>": bool}}, "data_limited": {"methods": ...}}:
+the token multiplier of a method
+at s steps is the number of LM-only steps that reach its BPB (log-linear interpolation of the LM-only curve in
+log(steps)), divided by s; beyond the LM-only curve's ends it is extrapolated from the nearest two points and flagged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import (  # noqa: E402  (a sibling script)
+    BASE_CONFIG, LM_ONLY, METHODS, PROTOCOL_OVERRIDES, REPO, RESULTS_DIR, TEACHER,
+)
+
+EVAL_EVERY = 60
+PROTOCOL_KD_WARMUP_STEPS = 12  # configs/reference.yaml: KD ramps over the first 20 % of the protocol's 60 steps
+RUN_ROOT = REPO / "runs" / "budget"
+RESULTS = REPO / "bench" / "results" / "budget"
+DEFAULT_METHODS = (LM_ONLY, "first-token-cached")
+TOKENS_PER_STEP = 4 * 256
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    steps: int
+    curve_steps: tuple[int, ...]  # the evaluations the tables show
+    data_overrides: tuple[str, ...] = ()
+
+
+STREAM = Scenario("stream", 480, (60, 120, 240, 480))
+DATA_LIMITED = Scenario("data-limited", 240, (60, 120, 180, 240), ("data.max_train_windows=240",))
+
+
+def run_dir(method: str, scenario: Scenario) -> Path:
+    return RUN_ROOT / scenario.name / method
+
+
+def overrides(method: str, scenario: Scenario) -> list[str]:
+    """The protocol's overrides for `method` in `scenario`: an evaluation and a checkpoint every 60 steps, the KD
+    warm-up as long in steps as the protocol's, the teacher cache of this scenario's windows."""
+    result = [*PROTOCOL_OVERRIDES, f"training.max_steps={scenario.steps}", f"training.eval_every={EVAL_EVERY}",
+              f"training.checkpoint_every={EVAL_EVERY}", "training.keep_checkpoints=1",
+              f"schedule.kd_warmup_end_progress={PROTOCOL_KD_WARMUP_STEPS / scenario.steps}",
+              *scenario.data_overrides, f"output.run_dir={run_dir(method, scenario)}"]
+    for override in METHODS[method].overrides:
+        key, _, value = override.partition("=")
+        if key == "teacher.cache_dir":
+            value = str(RUN_ROOT / scenario.name / Path(value).name)
+        result.append(f"{key}={value}")
+    return result
+
+
+def records(method: str, scenario: Scenario) -> list[dict]:
+    log = run_dir(method, scenario) / "log.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def finished(method: str, scenario: Scenario) -> bool:
+    return any(r["kind"] == "eval" and r["step"] == scenario.steps for r in records(method, scenario)) and \
+        (run_dir(method, scenario) / "student").is_dir()
+
+
+def crosskd(arguments: list[str]) -> None:
+    command = [sys.executable, "-m", "crosskd.cli", *arguments]
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, check=True, cwd=REPO)
+
+
+def run(method: str, scenario: Scenario) -> None:
+    if finished(method, scenario):
+        print(f"{method} ({scenario.name}): finished already")
+        return
+    method_overrides = overrides(method, scenario)
+    if METHODS[method].cached:
+        crosskd(["cache-teacher", str(BASE_CONFIG), *method_overrides])
+    folder = run_dir(method, scenario)
+    checkpoints = sorted((folder / "checkpoints").glob("step-*")) if (folder / "checkpoints").is_dir() else []
+    if checkpoints:
+        crosskd(["train", str(folder / "config.yaml"), "--resume"])
+    else:
+        crosskd(["train", str(BASE_CONFIG), *method_overrides])
+
+
+def curve(method: str, scenario: Scenario) -> dict:
+    """The evaluations of a run (step 0 excluded) with the wall time spent to reach each, from its log."""
+    rows = records(method, scenario)
+    train = [r for r in rows if r["kind"] == "train"]
+    step_seconds = {r["step"]: TOKENS_PER_STEP / r["tokens_per_second"] for r in train}
+    evals = sorted({r["step"]: r for r in rows if r["kind"] == "eval" and r["step"] > 0}.values(),
+                   key=lambda r: r["step"])
+    return {
+        "steps": [r["step"] for r in evals],
+        "bpb": [r["bpb"] for r in evals],
+        "wall_seconds": [sum(seconds for step, seconds in step_seconds.items() if step <= r["step"]) for r in evals],
+        "step_seconds": [statistics.median([s for step, s in step_seconds.items() if step <= r["step"]] or [0])
+                         for r in evals],
+    }
+
+
+def lm_only_steps_for(bpb: float, lm_steps: list[int], lm_bpb: list[float]) -> tuple[float, bool]:
+    """LM-only steps that reach `bpb`, interpolated linearly in log(steps) between the two curve points around it;
+    (steps, extrapolated)."""
+    points = sorted(zip(lm_steps, lm_bpb))
+    for (s0, b0), (s1, b1) in zip(points, points[1:]):
+        if min(b0, b1) <= bpb <= max(b0, b1) and b0 != b1:
+            fraction = (b0 - bpb) / (b0 - b1)
+            return math.exp(math.log(s0) + fraction * (math.log(s1) - math.log(s0))), False
+    # Outside the measured curve: the nearest end's two points give the slope.
+    (s0, b0), (s1, b1) = points[-2:] if bpb < min(lm_bpb) else points[:2]
+    slope = (math.log(s1) - math.log(s0)) / (b1 - b0) if b1 != b0 else math.inf
+    if not math.isfinite(slope) or slope >= 0:  # LM-only stopped improving: no number of its steps reaches bpb
+        return math.inf, True
+    return math.exp(math.log(s1) + (bpb - b1) * slope), True
+
+
+def scenario_summary(scenario: Scenario) -> dict:
+    methods = {m: curve(m, scenario) | {"overrides": overrides(m, scenario)} for m in METHODS
+               if records(m, scenario)}
+    summary = {"steps_per_run": scenario.steps, "curve_steps": list(scenario.curve_steps), "methods": methods,
+               "multiplier": {}, "extrapolated": {}}
+    lm = methods.get(LM_ONLY)
+    if lm and len(lm["steps"]) >= 2:
+        for method, data in methods.items():
+            summary["multiplier"][method], summary["extrapolated"][method] = {}, {}
+            for step, bpb in zip(data["steps"], data["bpb"]):
+                reached, extrapolated = lm_only_steps_for(bpb, lm["steps"], lm["bpb"])
+                summary["multiplier"][method][str(step)] = reached / step
+                summary["extrapolated"][method][str(step)] = extrapolated
+    return summary
+
+
+def summarise() -> dict:
+    # The untouched student and the teacher on the same held-out text: the protocol's result files.
+    untouched = json.loads((RESULTS_DIR / f"{LM_ONLY}.json").read_text())["bpb_student_before"]
+    teacher = json.loads((RESULTS_DIR / f"{TEACHER}.json").read_text())["bpb_final"]
+    summary = {"untouched_bpb": untouched, "teacher_bpb": teacher, **scenario_summary(STREAM),
+               "data_limited": scenario_summary(DATA_LIMITED), "command": "python bench/budget_curve.py"}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def table(summary: dict, scenario: Scenario) -> str:
+    """BPB at each curve point, with the token multiplier (* extrapolated beyond the LM-only curve)."""
+    lines = [f"{scenario.name} ({scenario.steps} steps):", "",
+             "| method | " + " | ".join(f"{s} steps" for s in scenario.curve_steps) + " |",
+             "|---|" + "---|" * len(scenario.curve_steps)]
+    for method, data in summary["methods"].items():
+        cells = []
+        for step in scenario.curve_steps:
+            if step not in data["steps"]:
+                cells.append("not run yet")
+                continue
+            bpb = data["bpb"][data["steps"].index(step)]
+            multiplier = summary["multiplier"].get(method, {}).get(str(step))
+            flag = "*" if summary["extrapolated"].get(method, {}).get(str(step)) else ""
+            cells.append(f"{bpb:.4f}" + (f" ({multiplier:.2f}x{flag})" if multiplier is not None else ""))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"from: {', '.join(METHODS)}")
+    parser.add_argument("--data-limited", action="store_true", help="4 epochs over the 240 protocol windows")
+    parser.add_argument("--summary", action="store_true", help="only rebuild summary.json and the tables")
+    args = parser.parse_args()
+    if not args.summary:
+        scenario = DATA_LIMITED if args.data_limited else STREAM
+        for method in [name.strip() for name in args.methods.split(",") if name.strip()]:
+            if method not in METHODS:
+                parser.error(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+            run(method, scenario)
+    summary = summarise()
+    print(table(summary, STREAM))
+    print(table(summary["data_limited"], DATA_LIMITED))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
