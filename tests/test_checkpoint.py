@@ -21,7 +21,8 @@ from crosskd.train.checkpoint import (
     save_checkpoint,
 )
 from crosskd.train.objective import DistillationObjective
-from trainer_helpers import REPO, log_records, run_training, tiny_config
+from crosskd.train import recipe
+from trainer_helpers import REPO, exported_weights, log_records, run_training, tiny_config
 
 RESUME_STEPS = 20
 RESUME_OVERRIDES = (f"training.max_steps={RESUME_STEPS}", "training.checkpoint_every=10", "optimizer.scheduler=cosine",
@@ -151,3 +152,28 @@ def test_resumed_projector_run_keeps_its_fitted_standardisation(tmp_path):
     resumed = tiny_config(tmp_path / "resumed", *overrides, corpus=tmp_path / "straight" / "corpus")
     run_training(resumed, resume=str(checkpoint))
     assert _losses(resumed.output.run_dir) == _losses(straight.output.run_dir)[2:]
+
+
+def test_a_run_stopped_in_its_final_evaluation_resumes_to_the_straight_runs_student(tmp_path, monkeypatch):
+    """Ctrl-C during the last step's evaluation leaves an emergency checkpoint at the last step: the resume must
+    evaluate that step and export the best student, as the straight run did (it exported the step-0 student)."""
+    straight = tiny_config(tmp_path / "straight", "training.max_steps=2")
+    expected = run_training(straight)
+    assert expected.best_step == 2  # trained: the untouched student is not the best
+
+    config = tiny_config(tmp_path / "stopped", "training.max_steps=2", corpus=tmp_path / "straight" / "corpus")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipe, "_evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(config)
+    monkeypatch.undo()
+    resumed = run_training(config, resume="latest")
+
+    assert (resumed.best_step, resumed.best_bpb) == (expected.best_step, expected.best_bpb)
+    straight_weights, resumed_weights = exported_weights(straight.output.run_dir), exported_weights(config.output.run_dir)
+    assert straight_weights.keys() == resumed_weights.keys()
+    assert all(torch.equal(straight_weights[name], resumed_weights[name]) for name in straight_weights)
+    assert [r["step"] for r in log_records(config.output.run_dir, "eval")] == [2]

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from accelerate.state import AcceleratorState
 
@@ -91,6 +92,14 @@ def log_records(run_dir: Path, kind: str = "train") -> list[dict]:
     """The run's log.jsonl records of one kind, in order."""
     lines = (Path(run_dir) / "log.jsonl").read_text().splitlines()
     return [record for record in map(json.loads, lines) if record["kind"] == kind]
+
+
+def exported_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The tensors of the run's exported student."""
+    tensors = {}
+    for path in sorted((Path(run_dir) / "student").glob("*.safetensors")):
+        tensors.update(load_file(str(path)))
+    return tensors
 
 
 def run_training(config: Config, resume: str | None = None, debug: bool = False) -> TrainResult:

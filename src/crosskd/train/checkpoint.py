@@ -35,6 +35,7 @@ class TrainingState:
     nonfinite_skipped: int = 0
     overflow_skipped: int = 0
     consecutive_nonfinite: int = 0
+    stopped_early: bool = False  # early stopping ended the run: a resume only finishes it (export)
     history: list[dict] = field(default_factory=list)  # evaluation records
 
 

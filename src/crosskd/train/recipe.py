@@ -247,16 +247,19 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
                                          "command": shlex.join(sys.argv)})
     windows = corpus.train_windows(start=state.windows_consumed, process_index=accelerator.process_index,
                                    num_processes=accelerator.num_processes, batch_size=training.batch_size)
-    stopped_early = False
     tokens_since_log, time_since_log = 0, time.perf_counter()
     try:
         with _SignalGuard() as signals:
-            while state.step < total_steps:
+            if resume and state.step > 0:
+                # A checkpoint written after a step but before what the straight run did next at that step (its
+                # evaluation, its checkpoint: an emergency checkpoint during the final evaluation) must not skip it:
+                # the best student and early stopping depend on it.
+                _end_of_step(run, *_schedule_at(state.step - 1, total_steps, settings), total_steps,
+                             resumed=True)
+            while state.step < total_steps and not state.stopped_early:
                 if signals.stop_requested(accelerator):
                     raise TrainingStopped("received SIGTERM")
-                progress = state.step / total_steps
-                weights = loss_weights(progress, settings)
-                tau = temperature(progress, settings)
+                weights, tau = _schedule_at(state.step, total_steps, settings)
 
                 # Read the whole step first: normalisers count the selected positions of every micro-batch on every
                 # process.
@@ -358,21 +361,7 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
                         "resume from the checkpoint just written."
                     )
 
-                due_eval = training.eval_every and state.step % training.eval_every == 0
-                if due_eval or state.step == total_steps:
-                    stop = _evaluate(run, weights, tau)
-                    improved = state.best_step == state.step
-                    if main and (improved or (training.checkpoint_every and state.step % training.checkpoint_every == 0)
-                                 or state.step == total_steps):
-                        _save(run)
-                    if stop:
-                        stopped_early = True
-                        logbook.line(f"early stopping at step {state.step}: no improvement of "
-                                     f"{training.early_stopping.min_delta} BPB in "
-                                     f"{training.early_stopping.patience} evaluations")
-                        break
-                elif main and training.checkpoint_every and state.step % training.checkpoint_every == 0:
-                    _save(run)
+                _end_of_step(run, weights, tau, total_steps, resumed=False)
     except (Exception, KeyboardInterrupt) as error:
         if main:
             path = _save(run, emergency=True)
@@ -397,7 +386,7 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
         run_dir=run_dir, student_dir=student_dir, steps=state.step, initial_bpb=initial.bits_per_byte,
         final_bpb=final_bpb, best_bpb=state.best_bpb, best_step=state.best_step, teacher_bpb=teacher_bpb,
         nonfinite_skipped=state.nonfinite_skipped, overflow_skipped=state.overflow_skipped,
-        stopped_early=stopped_early,
+        stopped_early=state.stopped_early,
     )
 
 
@@ -418,10 +407,11 @@ def _evaluate(run: Run, weights: dict[str, float], tau: float) -> bool:
     retention = run.objective.evaluate_retention(
         run.corpus.eval_batches(config.training.batch_size, accelerator.device), weights, tau)
     record = {"bpb": result.bits_per_byte, "perplexity": result.perplexity, **retention}
-    state.history.append({"step": state.step, **record})
     run.logbook.record("eval", state.step, record)
     run.logbook.line(f"eval step {state.step}: held-out BPB {result.bits_per_byte:.4f} (ppl {result.perplexity:.3f}); "
                      + ", ".join(f"{k} {v:.4f}" for k, v in retention.items()))
+    # The state changes last and together: an interruption above leaves the evaluation undone, to be redone on resume.
+    state.history.append({"step": state.step, **record})
     stopping = config.training.early_stopping
     if result.bits_per_byte < state.best_bpb - stopping.min_delta or (
         result.bits_per_byte < state.best_bpb and not stopping.enabled
@@ -435,6 +425,34 @@ def _evaluate(run: Run, weights: dict[str, float], tau: float) -> bool:
         and state.step >= stopping.warmup_steps
         and state.evals_without_improvement >= stopping.patience
     )
+
+
+def _schedule_at(step: int, total_steps: int, settings) -> tuple[dict[str, float], float]:
+    """The term weights and the temperature of optimizer step `step` (counted from 0)."""
+    progress = step / total_steps
+    return loss_weights(progress, settings), temperature(progress, settings)
+
+
+def _end_of_step(run: Run, weights: dict[str, float], tau: float, total_steps: int, resumed: bool) -> None:
+    """What follows optimizer step `run.state.step`: its evaluation when due, its checkpoint when due, early stopping.
+    `resumed`: redo only what a checkpoint written at this step lacks (the evaluation is in the history, the
+    checkpoint folder exists), so a resumed run does exactly what the straight run did."""
+    state, training = run.state, run.config.training
+    final = state.step == total_steps
+    periodic_checkpoint = bool(training.checkpoint_every) and state.step % training.checkpoint_every == 0
+    due_eval = final or (bool(training.eval_every) and state.step % training.eval_every == 0)
+    evaluated = bool(state.history) and state.history[-1]["step"] == state.step
+    if due_eval and not evaluated:
+        state.stopped_early = _evaluate(run, weights, tau)
+        if state.stopped_early:
+            run.logbook.line(f"early stopping at step {state.step}: no improvement of "
+                             f"{training.early_stopping.min_delta} BPB in "
+                             f"{training.early_stopping.patience} evaluations")
+    improved = due_eval and state.best_step == state.step
+    due_checkpoint = periodic_checkpoint or improved or final or state.stopped_early
+    written = resumed and (run.checkpoints_dir / checkpoint_name(state.step)).is_dir()
+    if run.accelerator.is_main_process and due_checkpoint and not written:
+        _save(run)
 
 
 def _save(run: Run, emergency: bool = False) -> Path:
