@@ -8,20 +8,29 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from crosskd.train.checkpoint import (
+    MANIFEST_FILE,
+    OPTIMIZER_FILE,
+    TRAINABLE_FILE,
+    CheckpointError,
     TrainingState,
     checkpoint_name,
     list_checkpoints,
     load_checkpoint,
+    newest_valid_checkpoint,
     prune_checkpoints,
+    remove_stale_temporaries,
     save_checkpoint,
+    verify_checkpoint,
 )
 from crosskd.train.objective import DistillationObjective
 from crosskd.train import recipe
+from crosskd.train.recipe import RunFolderError
 from trainer_helpers import REPO, exported_weights, log_records, run_training, tiny_config
 
 RESUME_STEPS = 20
@@ -33,7 +42,8 @@ def _save(folder, step: int):
     weights = torch.arange(6.0).reshape(2, 3) + step
     # Two names for one tensor, as with tied embeddings: stored once.
     return save_checkpoint(folder, TrainingState(step=step, windows_consumed=2 * step),
-                           {"embed": weights, "head": weights}, {"state": {}}, {"last_epoch": step}, None)
+                           {"embed": weights, "head": weights}, {"state": {}}, {"last_epoch": step}, None,
+                           {"training": {"max_steps": 5}})
 
 
 def test_checkpoint_round_trip_and_tied_tensors_stored_once(tmp_path):
@@ -50,9 +60,9 @@ def test_checkpoint_round_trip_and_tied_tensors_stored_once(tmp_path):
 def test_incomplete_folders_are_never_listed_or_loaded(tmp_path):
     _save(tmp_path / checkpoint_name(1), step=1)
     (tmp_path / f".tmp-{checkpoint_name(2)}-123").mkdir()  # a writer killed mid-way
-    (tmp_path / checkpoint_name(3)).mkdir()  # no state.json
+    (tmp_path / checkpoint_name(3)).mkdir()  # no manifest.json
     assert list_checkpoints(tmp_path) == [tmp_path / checkpoint_name(1)]
-    with pytest.raises(FileNotFoundError, match="not a complete crosskd checkpoint"):
+    with pytest.raises(CheckpointError, match="not a complete crosskd checkpoint"):
         load_checkpoint(tmp_path / checkpoint_name(3))
 
 
@@ -76,6 +86,14 @@ def _interrupt_at_step(monkeypatch, step: int) -> None:
     monkeypatch.setattr(DistillationObjective, "forward", forward)
 
 
+def _stop_at_step(monkeypatch, config, step: int) -> None:
+    """Train `config` until Ctrl-C in the middle of optimizer step `step` (emergency checkpoint at step - 1)."""
+    _interrupt_at_step(monkeypatch, step)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(config)
+    monkeypatch.undo()
+
+
 def _losses(run_dir) -> list[tuple]:
     return [(r["step"], r["total"], r["loss/lm"], r["loss/kd"], r["lr"], r["temperature"])
             for r in log_records(run_dir)]
@@ -93,10 +111,7 @@ def straight_run(tmp_path_factory):
 @pytest.mark.parametrize("resume_from", ["periodic", "emergency"])
 def test_resumed_run_reproduces_the_uninterrupted_losses_exactly(tmp_path, monkeypatch, straight_run, resume_from):
     config = tiny_config(tmp_path, *RESUME_OVERRIDES)
-    _interrupt_at_step(monkeypatch, 11)
-    with pytest.raises(KeyboardInterrupt):
-        run_training(config)
-    monkeypatch.undo()
+    _stop_at_step(monkeypatch, config, 11)
     checkpoints = tmp_path / "run" / "checkpoints"
     emergency = checkpoints / f"{checkpoint_name(10)}-emergency"
     assert (checkpoints / checkpoint_name(10)).is_dir() and emergency.is_dir()
@@ -177,3 +192,87 @@ def test_a_run_stopped_in_its_final_evaluation_resumes_to_the_straight_runs_stud
     assert straight_weights.keys() == resumed_weights.keys()
     assert all(torch.equal(straight_weights[name], resumed_weights[name]) for name in straight_weights)
     assert [r["step"] for r in log_records(config.output.run_dir, "eval")] == [2]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "overwritten", "manifest"])
+def test_a_damaged_checkpoint_is_named_and_the_newest_valid_one_is_used(tmp_path, damage):
+    for step in (1, 2):
+        _save(tmp_path / checkpoint_name(step), step)
+    newest = tmp_path / checkpoint_name(2)
+    if damage == "truncated":
+        path = newest / TRAINABLE_FILE
+        path.write_bytes(path.read_bytes()[:-7])
+        reason = f"{path} has .* bytes"
+    elif damage == "overwritten":
+        path = newest / OPTIMIZER_FILE
+        data = bytearray(path.read_bytes())
+        data[-20] ^= 0xFF
+        path.write_bytes(bytes(data))
+        reason = f"{path} does not match its SHA-256"
+    else:
+        path = newest / MANIFEST_FILE
+        path.write_text(path.read_text()[:30])
+        reason = f"{path} is corrupt"
+    with pytest.raises(CheckpointError, match=reason):
+        verify_checkpoint(newest)
+    with pytest.raises(CheckpointError, match=reason):
+        load_checkpoint(newest)
+    folder, skipped = newest_valid_checkpoint(tmp_path)
+    assert folder == tmp_path / checkpoint_name(1)
+    assert len(skipped) == 1 and str(newest) in skipped[0]
+
+
+def test_stale_temporary_folders_of_killed_writers_are_removed(tmp_path):
+    dead_writer = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_writer.wait()
+    stale = tmp_path / f".tmp-{checkpoint_name(2)}-{dead_writer.pid}"
+    live = tmp_path / f".tmp-{checkpoint_name(3)}-{os.getppid()}"  # a writer that still runs
+    stale.mkdir()
+    live.mkdir()
+    assert remove_stale_temporaries(tmp_path) == [stale]
+    assert not stale.exists() and live.exists()
+
+
+def test_resume_skips_a_corrupt_newest_checkpoint_and_says_which(tmp_path, monkeypatch, capsys, straight_run):
+    config = tiny_config(tmp_path, *RESUME_OVERRIDES)
+    _stop_at_step(monkeypatch, config, 11)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    emergency = checkpoints / f"{checkpoint_name(10)}-emergency"
+    (emergency / TRAINABLE_FILE).write_bytes(b"")  # the newest checkpoint, truncated to nothing
+    capsys.readouterr()
+    run_training(config, resume="latest")
+    err = capsys.readouterr().err
+    assert f"skipped a checkpoint: {emergency / TRAINABLE_FILE} has 0 bytes" in err
+    assert _losses(config.output.run_dir) == _losses(straight_run)
+
+
+def test_resume_refuses_a_checkpoint_of_another_config_naming_the_fields(tmp_path, straight_run):
+    straight_run = Path(straight_run)
+    other = tiny_config(tmp_path, *RESUME_OVERRIDES, "training.max_steps=3", "objective.kd_top_k=8",
+                        f"output.run_dir={straight_run}", corpus=straight_run.parent / "corpus")
+    config_before = (straight_run / "config.yaml").read_text()
+    with pytest.raises(CheckpointError, match=r"configured differently: objective.kd_top_k: 32 -> 8; "
+                                              r"training.max_steps: 20 -> 3\. Resume it with the config"):
+        run_training(other, resume="latest")
+    assert (straight_run / "config.yaml").read_text() == config_before  # refused before anything was written
+
+
+def test_a_used_run_folder_is_refused_unless_overwritten_and_the_first_run_is_kept(tmp_path):
+    first = tiny_config(tmp_path, "training.max_steps=2")
+    run_training(first)
+    run_dir = tmp_path / "run"
+    kept = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+
+    second = tiny_config(tmp_path, "training.max_steps=3", corpus=tmp_path / "corpus")
+    with pytest.raises(RunFolderError, match=r"already holds a run \(checkpoints, log.jsonl, student, config.yaml\)\. "
+                                             r"Resume it with `crosskd train .*config.yaml --resume`, .*"
+                                             r"output.run_dir=NEW_FOLDER, or pass --overwrite"):
+        run_training(second)
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == kept  # nothing lost
+
+    result = run_training(second, overwrite=True)
+    assert result.steps == 3
+    assert [record["step"] for record in log_records(run_dir)] == [1, 2, 3]  # no row of the first run
+    assert [path.name for path in list_checkpoints(run_dir / "checkpoints")][-1] == checkpoint_name(3)
+    assert all(load_checkpoint(path).config["training"]["max_steps"] == 3
+               for path in list_checkpoints(run_dir / "checkpoints"))

@@ -28,3 +28,8 @@ def test_an_unknown_flag_is_still_an_error(capsys):
     with pytest.raises(SystemExit):
         parse_arguments(["train", "c.yaml", "--resume", "--no-such-flag"])
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def test_overwrite_is_a_train_flag():
+    assert parse_arguments(["train", "c.yaml", "--overwrite"]).overwrite
+    assert not parse_arguments(["train", "c.yaml"]).overwrite

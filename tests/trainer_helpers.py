@@ -102,11 +102,12 @@ def exported_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def run_training(config: Config, resume: str | None = None, debug: bool = False) -> TrainResult:
+def run_training(config: Config, resume: str | None = None, debug: bool = False,
+                 overwrite: bool = False) -> TrainResult:
     """`train` in this process, as a fresh `crosskd train` would: accelerate keeps its state (mixed precision
     included) in a process-wide singleton that an earlier run in the same pytest process must not leak into."""
     AcceleratorState._reset_state(reset_partial_state=True)
-    return train(config, resume=resume, debug=debug)
+    return train(config, resume=resume, debug=debug, overwrite=overwrite)
 
 
 def inject_nan_loss(monkeypatch, nan_calls) -> list[dict[str, torch.Tensor]]:

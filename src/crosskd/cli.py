@@ -54,6 +54,8 @@ def _add_train(sub) -> None:
                         help="resume from the run's latest checkpoint")
     resume.add_argument("--resume-from", dest="resume", metavar="CHECKPOINT",
                         help="resume from this checkpoint folder (RUN_DIR/checkpoints/step-…)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete output.run_dir first when it holds another run (without it such a folder is refused)")
     p.add_argument("--debug", action="store_true", help="print raw and weighted loss components and check their sum")
     p.set_defaults(handler="crosskd.api:cli_train")
 

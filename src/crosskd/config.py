@@ -190,8 +190,11 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def save(self, path: Path) -> None:
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        path.write_text(self.to_yaml())
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -221,6 +224,23 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] = ()) -> Config:
     config = _build(Config, raw, prefix="")
     validate(config)
     return config
+
+
+def config_differences(stored: dict[str, Any], config: Config, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The dotted keys whose values differ between a stored config (a `to_dict` kept as JSON) and `config`, each as
+    `key: stored -> now`; keys in `ignore` are left out."""
+    def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        items: dict[str, Any] = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                items.update(flat(value, f"{prefix}{key}."))
+            else:
+                items[f"{prefix}{key}"] = value
+        return items
+
+    before, now = flat(stored), flat(json.loads(json.dumps(config.to_dict())))  # JSON turns tuples into lists
+    return [f"{key}: {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(before.keys() | now.keys())
+            if key not in ignore and before.get(key) != now.get(key)]
 
 
 def _apply_override(raw: dict[str, Any], override: str) -> None:

@@ -14,6 +14,9 @@ import torch
 from tqdm.auto import tqdm
 
 
+LOG_FILE = "log.jsonl"
+
+
 class Logbook:
     def __init__(self, run_dir: Path, total_steps: int, tensorboard: bool, enabled: bool, initial_step: int = 0):
         self.enabled = enabled  # only the main process writes
@@ -23,7 +26,7 @@ class Logbook:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(run_dir / "log.jsonl", "a", buffering=1)
+        self.jsonl = open(run_dir / LOG_FILE, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -27,7 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-from crosskd.config import Config
+from crosskd.config import Config, config_differences
 from crosskd.data.collate import collate_windows
 from crosskd.data.corpus import TrainingCorpus, windows_per_step
 from crosskd.evaluate import bits_per_byte
@@ -36,21 +37,34 @@ from crosskd.models.loading import LoadedModel, load_model
 from crosskd.models.precision import MixedPrecision
 from crosskd.schedules import loss_weights, schedule_settings, temperature
 from crosskd.train.checkpoint import (
+    CheckpointError,
+    LoadedCheckpoint,
     TrainingState,
     checkpoint_name,
     list_checkpoints,
     load_checkpoint,
+    newest_valid_checkpoint,
     prune_checkpoints,
+    remove_stale_temporaries,
     restore_rng,
     save_checkpoint,
 )
-from crosskd.train.logbook import Logbook, check_sum, format_step_line, peak_memory_bytes
+from crosskd.train.logbook import LOG_FILE, Logbook, check_sum, format_step_line, peak_memory_bytes
 from crosskd.train.objective import DistillationObjective
 from crosskd.vocab.transfer import ParameterGroup
 
 
+CONFIG_FILE = "config.yaml"
+# Keys a resumed run may change: where it writes and how often it logs, nothing it computes.
+RESUME_FREE_KEYS = ("output.run_dir", "output.tensorboard", "training.log_every")
+
+
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (too many non-finite steps, a signal); a checkpoint was written first."""
+
+
+class RunFolderError(ValueError):
+    """The run folder holds another run: training into it would replace or mix that run's results."""
 
 
 @dataclass
@@ -164,7 +178,9 @@ class Run:
     logbook: Logbook | None = None
 
 
-def train(config: Config, resume: str | None = None, debug: bool = False) -> TrainResult:
+def train(config: Config, resume: str | None = None, debug: bool = False, overwrite: bool = False) -> TrainResult:
+    """`resume`: "latest" or a checkpoint folder; `overwrite`: delete the run folder first when it holds another run
+    (without it such a folder is refused)."""
     started = time.perf_counter()
     run_dir = Path(config.output.run_dir)
     checkpoints_dir = run_dir / "checkpoints"
@@ -177,6 +193,13 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
     precision = MixedPrecision(accelerator, training.mixed_precision)
     set_seed(training.seed)
     main = accelerator.is_main_process
+    # Before anything is written or loaded: a run folder and its checkpoints belong to one run.
+    if resume:
+        if overwrite:
+            raise RunFolderError("--resume continues the run in its folder and --overwrite deletes it: choose one")
+        resumed = _checkpoint_to_resume(config, resume, checkpoints_dir)
+    elif main:
+        _claim_run_folder(run_dir, config, overwrite)
 
     def phase(text: str) -> None:  # the minutes before the first step should not look like a hang
         if main:
@@ -184,7 +207,9 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
 
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        config.save(run_dir / "config.yaml")
+        config.save(run_dir / CONFIG_FILE)
+        for removed in remove_stale_temporaries(checkpoints_dir):
+            print(f"removed {removed}: the temporary folder of a checkpoint write that was killed", flush=True)
 
     # --- models ---------------------------------------------------------------------------------------------------
     phase(f"loading teacher {config.models.teacher} and student {config.models.student}")
@@ -224,7 +249,7 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
     run = Run(config, accelerator, precision, teacher, student, corpus, objective, optimizer, scheduler,
               TrainingState(), checkpoints_dir)
     if resume:
-        run.state = _resume(run, resume)
+        run.state = _resume(run, resumed)
     state = run.state
 
     # --- evaluation before training -------------------------------------------------------------------------------
@@ -366,7 +391,7 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
         if main:
             path = _save(run, emergency=True)
             print(f"\nstopped at step {state.step}: {error}\nemergency checkpoint: {path}\n"
-                  f"resume with: crosskd train {run_dir / 'config.yaml'} --resume", file=sys.stderr, flush=True)
+                  f"resume with: crosskd train {run_dir / CONFIG_FILE} --resume", file=sys.stderr, flush=True)
         logbook.close()
         raise
     logbook.close()
@@ -461,35 +486,76 @@ def _save(run: Run, emergency: bool = False) -> Path:
     unwrapped_objective = accelerator.unwrap_model(run.objective)
     folder = run.checkpoints_dir / (checkpoint_name(state.step) + ("-emergency" if emergency else ""))
     save_checkpoint(folder, state, _trainable_state(unwrapped_student, unwrapped_objective),
-                    run.optimizer.state_dict(), run.scheduler.state_dict(), run.precision.scaler_state())
+                    run.optimizer.state_dict(), run.scheduler.state_dict(), run.precision.scaler_state(),
+                    run.config.to_dict())
     if not emergency:
         best = run.checkpoints_dir / checkpoint_name(state.best_step) if state.best_step is not None else None
         prune_checkpoints(run.checkpoints_dir, run.config.training.keep_checkpoints, protect=best)
     return folder
 
 
-def _resume(run: Run, resume: str) -> TrainingState:
+def _claim_run_folder(run_dir: Path, config: Config, overwrite: bool) -> None:
+    """Refuse a run folder that holds another run (a checkpoint, a log, an exported student, or another config) unless
+    `overwrite`, which deletes it; a folder with only this run's own config.yaml (a start that died while loading) is
+    this run's."""
+    if not run_dir.is_dir():
+        return
+    config_file = run_dir / CONFIG_FILE
+    held = [name for name in ("checkpoints", LOG_FILE, "student") if (run_dir / name).exists()]
+    if config_file.is_file() and config_file.read_text() != config.to_yaml():
+        held.append(CONFIG_FILE)
+    if not held:
+        return
+    if overwrite:
+        print(f"--overwrite: deleting the earlier run in {run_dir}", flush=True)
+        shutil.rmtree(run_dir)
+        return
+    raise RunFolderError(
+        f"{run_dir} already holds a run ({', '.join(held)}). Resume it with `crosskd train {config_file} --resume`, "
+        f"put this run elsewhere with output.run_dir=NEW_FOLDER, or pass --overwrite to delete the earlier run"
+    )
+
+
+def _checkpoint_to_resume(config: Config, resume: str, checkpoints_dir: Path) -> LoadedCheckpoint:
+    """The verified checkpoint to resume: "latest" is the newest one that verifies (each newer one that does not is
+    reported with the reason); its config must be this run's, but for `RESUME_FREE_KEYS`."""
     if resume == "latest":
-        available = list_checkpoints(run.checkpoints_dir)
-        if not available:
-            raise FileNotFoundError(f"--resume: no checkpoint under {run.checkpoints_dir}; start without --resume")
-        folder = available[-1]
+        folder = _newest_valid_or_explain(checkpoints_dir)
     else:
         folder = Path(resume)
     loaded = load_checkpoint(folder)
+    differences = config_differences(loaded.config, config, ignore=RESUME_FREE_KEYS)
+    if differences:
+        raise CheckpointError(
+            f"{folder} belongs to a run configured differently: {'; '.join(differences)}. Resume it with the config "
+            f"it was written with ({folder.parent.parent / CONFIG_FILE}), or start this run in a new output.run_dir"
+        )
+    return loaded
+
+
+def _newest_valid_or_explain(checkpoints_dir: Path) -> Path:
+    folder, skipped = newest_valid_checkpoint(checkpoints_dir)
+    for reason in skipped:
+        print(f"--resume: skipped a checkpoint: {reason}", file=sys.stderr, flush=True)
+    if folder is None:
+        found = f"none verifies ({'; '.join(skipped)})" if skipped else "there is none"
+        raise CheckpointError(f"--resume: no checkpoint to resume under {checkpoints_dir}: {found}; "
+                              "start without --resume")
+    return folder
+
+
+def _resume(run: Run, loaded: LoadedCheckpoint) -> TrainingState:
     _load_trainable_state(run.student.model, run.objective, loaded.trainable)
     run.optimizer.load_state_dict(loaded.optimizer)
     run.scheduler.load_state_dict(loaded.scheduler)
     run.precision.load_scaler_state(loaded.scaler)
     restore_rng(loaded.rng)
-    print(f"resumed from {folder} at step {loaded.state.step}", flush=True)
+    print(f"resumed from {loaded.folder} at step {loaded.state.step}", flush=True)
     return loaded.state
 
 
 def export_student(checkpoint: Path, student, objective, out_dir: Path) -> None:
     """Write the student of `checkpoint` as a plain Hugging Face folder (model + tokenizer), atomically."""
-    import shutil
-
     loaded = load_checkpoint(checkpoint)
     model = student.model
     _load_trainable_state(model, objective, loaded.trainable)
