@@ -130,14 +130,18 @@ def _load_trainable_state(student, objective, tensors: dict[str, torch.Tensor]) 
 class _SignalGuard:
     """Turn SIGTERM into a stop request that the loop honours between steps, so that the emergency checkpoint is
     written at a step boundary: a handler raising mid-step could leave an optimizer update or a checkpoint write
-    half done."""
+    half done. While the loop only reads data (`reading_data`) nothing is half done, so SIGTERM stops it at once: a
+    read that waits long (or forever) must not make the process deaf to it."""
 
     def __enter__(self):
         self.previous = signal.getsignal(signal.SIGTERM)
         self.requested = False
+        self.reading = False
 
         def handler(signum, frame):
             self.requested = True
+            if self.reading:
+                raise TrainingStopped("received SIGTERM while reading training data")
 
         try:
             signal.signal(signal.SIGTERM, handler)
@@ -149,6 +153,14 @@ class _SignalGuard:
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
         return False
+
+    @contextlib.contextmanager
+    def reading_data(self):
+        self.reading = True
+        try:
+            yield
+        finally:
+            self.reading = False
 
     def stop_requested(self, accelerator) -> bool:
         """Whether any process received SIGTERM: all of them must stop at the same step or the others would wait
@@ -221,6 +233,7 @@ def train(config: Config, resume: str | None = None, debug: bool = False, overwr
 
     # --- data -----------------------------------------------------------------------------------------------------
     corpus = TrainingCorpus(config.data, student.tokenizer, teacher.tokenizer, teacher.vocab.pad_id)
+    corpus.check_training_window()
     step_windows = windows_per_step(training, accelerator.num_processes)
     total_steps = corpus.optimizer_steps(training, step_windows)
 
@@ -288,10 +301,11 @@ def train(config: Config, resume: str | None = None, debug: bool = False, overwr
 
                 # Read the whole step first: normalisers count the selected positions of every micro-batch on every
                 # process.
-                micro_batches = [
-                    collate_windows(next(windows), teacher.vocab.pad_id).to(accelerator.device)
-                    for _ in range(training.gradient_accumulation_steps)
-                ]
+                with signals.reading_data():
+                    micro_batches = [
+                        collate_windows(next(windows), teacher.vocab.pad_id).to(accelerator.device)
+                        for _ in range(training.gradient_accumulation_steps)
+                    ]
                 selections = [objective.select(batch) for batch in micro_batches]
                 counts = step_counts(selections, accelerator)
 
