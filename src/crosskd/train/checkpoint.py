@@ -10,7 +10,6 @@ loaded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -21,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from crosskd.models.fingerprints import file_sha256
 
 STATE_FILE = "state.json"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -98,18 +99,13 @@ def save_checkpoint(
         temporary / OPTIMIZER_FILE,
     )
     (temporary / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
-    files = {path.name: {"bytes": path.stat().st_size, "sha256": _sha256(path)} for path in sorted(temporary.iterdir())}
+    files = {path.name: {"bytes": path.stat().st_size, "sha256": file_sha256(path)} for path in sorted(temporary.iterdir())}
     (temporary / MANIFEST_FILE).write_text(json.dumps({"config": config, "files": files}, indent=1))
     _fsync_tree(temporary)
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(temporary, folder)
     return folder
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def verify_checkpoint(folder: Path) -> dict:
@@ -133,7 +129,7 @@ def verify_checkpoint(folder: Path) -> dict:
         size = path.stat().st_size
         if size != expected["bytes"]:
             raise CheckpointError(f"{path} has {size} bytes, {expected['bytes']} were written: truncated or replaced")
-        if _sha256(path) != expected["sha256"]:
+        if file_sha256(path) != expected["sha256"]:
             raise CheckpointError(f"{path} does not match its SHA-256 in {MANIFEST_FILE}: overwritten or corrupt")
     return manifest
 
