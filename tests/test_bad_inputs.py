@@ -55,3 +55,19 @@ def test_sigterm_stops_a_run_that_waits_for_data(tmp_path, monkeypatch):
         run_training(tiny_config(tmp_path))
     assert [path.name for path in list_checkpoints(tmp_path / "run" / "checkpoints")] == [
         checkpoint_name(0), f"{checkpoint_name(0)}-emergency"]
+
+
+def test_a_window_beyond_the_models_positions_is_refused_before_the_first_step(tmp_path):
+    config = tiny_config(tmp_path, "data.window_tokens=5000", "training.max_steps=1")
+    with pytest.raises(ValueError, match=r"data.window_tokens=5000 exceeds the teacher tiny:teacher's position limit "
+                                         r"of 1024 tokens \(max_position_embeddings\); set data.window_tokens to at most 1024"):
+        run_training(config)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_held_out_text_shorter_than_one_window_is_refused_before_the_first_step(tmp_path):
+    config = tiny_config(tmp_path, "data.window_tokens=1000", "training.max_steps=1")  # held-out: 700 characters
+    with pytest.raises(ValueError, match=r"the held-out text \(700 characters\) gives no window of "
+                                         r"data.window_tokens=1000 student tokens, which evaluation needs"):
+        run_training(config)
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -64,6 +64,17 @@ class TrainingCorpus:
         otherwise wait for one forever. Reads only as far as the first window."""
         next(self._all_windows())
 
+    def check_heldout_window(self) -> None:
+        """Raise before the first step when the held-out text gives no window: the retention metrics of every
+        evaluation, the final one included, read held-out windows."""
+        if not self.eval_batches(batch_size=1, device="cpu"):
+            raise ValueError(
+                f"the held-out text ({len(self.eval_text()):,} characters) gives no window of "
+                f"data.window_tokens={self.config.window_tokens} student tokens, which evaluation needs; lower "
+                "data.window_tokens or hold out more text (data.heldout_documents, data.eval_fraction, "
+                "data.eval_max_chars)"
+            )
+
     def _no_window_error(self) -> ValueError:
         characters = sum(len(document.text) for document in self.train_documents)
         return ValueError(

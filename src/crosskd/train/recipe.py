@@ -233,7 +233,9 @@ def train(config: Config, resume: str | None = None, debug: bool = False, overwr
 
     # --- data -----------------------------------------------------------------------------------------------------
     corpus = TrainingCorpus(config.data, student.tokenizer, teacher.tokenizer, teacher.vocab.pad_id)
+    _check_position_limits(config.data.window_tokens, {"teacher": teacher, "student": student})
     corpus.check_training_window()
+    corpus.check_heldout_window()
     step_windows = windows_per_step(training, accelerator.num_processes)
     total_steps = corpus.optimizer_steps(training, step_windows)
 
@@ -427,6 +429,18 @@ def train(config: Config, resume: str | None = None, debug: bool = False, overwr
         nonfinite_skipped=state.nonfinite_skipped, overflow_skipped=state.overflow_skipped,
         stopped_early=state.stopped_early,
     )
+
+
+def _check_position_limits(window_tokens: int, models: dict[str, LoadedModel]) -> None:
+    """A window longer than a model's positions fails only at its first forward, or reads positions it never
+    learned; refuse it before the first step. (The teacher's tokens of a window are about as many as the student's.)"""
+    for role, loaded in models.items():
+        limit = getattr(loaded.model.config, "max_position_embeddings", None)
+        if limit is not None and window_tokens > limit:
+            raise ValueError(
+                f"data.window_tokens={window_tokens} exceeds the {role} {loaded.spec}'s position limit of "
+                f"{limit} tokens (max_position_embeddings); set data.window_tokens to at most {limit}"
+            )
 
 
 def _sum_over_processes(values: dict[str, float], accelerator) -> dict[str, float]:
