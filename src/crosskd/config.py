@@ -355,8 +355,21 @@ def validate(config: Config) -> None:
             raise ConfigError(f"training.{key} must be at least 1")
     if config.schedule.temperature_start <= 0 or config.schedule.temperature_end <= 0:
         raise ConfigError("schedule temperatures must be positive")
+    _check_optimizer(config.optimizer)
     if config.teacher.source == "cache":
         require_cacheable_terms(config)
+
+
+def _check_optimizer(optimizer: OptimizerConfig) -> None:
+    """What AdamW would refuse only after the models have loaded, refused here naming the key."""
+    for key in ("lr", "weight_decay", "student_lr_multiplier", "heads_lr_multiplier", "projector_lr_multiplier",
+                "warmup_steps", "grad_clip"):
+        if getattr(optimizer, key) < 0:
+            raise ConfigError(f"optimizer.{key} must not be negative, got {getattr(optimizer, key)}")
+    betas = optimizer.betas
+    if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+        raise ConfigError(f"optimizer.betas must be two values in [0, 1) (AdamW's averaging factors, e.g. "
+                          f"[0.9, 0.999]), got {betas}")
 
 
 # Why each intermediate-layer term cannot be served by a teacher cache (crosskd cache-teacher stores what the
