@@ -276,3 +276,22 @@ def test_a_used_run_folder_is_refused_unless_overwritten_and_the_first_run_is_ke
     assert [path.name for path in list_checkpoints(run_dir / "checkpoints")][-1] == checkpoint_name(3)
     assert all(load_checkpoint(path).config["training"]["max_steps"] == 3
                for path in list_checkpoints(run_dir / "checkpoints"))
+
+
+def _without_timings(records: list[dict]) -> list[dict]:
+    """Log records without what depends on the machine's speed."""
+    timings = ("wall_seconds", "tokens_per_second", "peak_memory_bytes")
+    return [{key: value for key, value in record.items() if key not in timings} for record in records]
+
+
+def test_a_resumed_log_keeps_one_row_per_step(tmp_path):
+    config = tiny_config(tmp_path, "training.max_steps=4", "training.checkpoint_every=2", "training.eval_every=1",
+                         "training.keep_checkpoints=10")
+    run_training(config)
+    straight = {kind: log_records(config.output.run_dir, kind) for kind in ("train", "eval")}
+    run_training(config, resume=str(tmp_path / "run" / "checkpoints" / checkpoint_name(2)))  # steps 3 and 4 again
+    assert [r["step"] for r in log_records(config.output.run_dir)] == [1, 2, 3, 4]
+    assert [r["step"] for r in log_records(config.output.run_dir, "eval")] == [1, 2, 3, 4]
+    resumed = {kind: log_records(config.output.run_dir, kind) for kind in ("train", "eval")}
+    assert _without_timings(resumed["train"]) == _without_timings(straight["train"])
+    assert len(log_records(config.output.run_dir, "start")) == 2  # each start of the process is kept

@@ -282,7 +282,8 @@ def train(config: Config, resume: str | None = None, debug: bool = False, overwr
             _save(run)
 
     logbook = run.logbook = Logbook(run_dir, total_steps, config.output.tensorboard, enabled=main,
-                                    initial_step=state.step)
+                                    initial_step=state.step,
+                                    evaluated_steps={record["step"] for record in state.history} if resume else None)
     logbook.record("start", state.step, {"bpb": initial.bits_per_byte, "teacher_bpb": teacher_bpb,
                                          "command": shlex.join(sys.argv)})
     windows = corpus.train_windows(start=state.windows_consumed, process_index=accelerator.process_index,
