@@ -71,3 +71,8 @@ def test_held_out_text_shorter_than_one_window_is_refused_before_the_first_step(
                                          r"data.window_tokens=1000 student tokens, which evaluation needs"):
         run_training(config)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_teacher_that_is_the_student_is_warned_about(tmp_path, capsys):
+    run_training(tiny_config(tmp_path, "models.teacher=tiny:student", "training.max_steps=1"))
+    assert "warning: the teacher and the student are the same model (tiny:student)" in capsys.readouterr().out

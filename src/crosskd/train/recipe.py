@@ -224,6 +224,9 @@ def train(config: Config, resume: str | None = None, debug: bool = False, overwr
             print(f"removed {removed}: the temporary folder of a checkpoint write that was killed", flush=True)
 
     # --- models ---------------------------------------------------------------------------------------------------
+    if config.models.teacher == config.models.student:  # legal (a self-distillation check) but usually a typo
+        phase(f"warning: the teacher and the student are the same model ({config.models.teacher}): the student "
+              "starts as its teacher, so distillation has nothing to teach; set models.teacher or models.student")
     phase(f"loading teacher {config.models.teacher} and student {config.models.student}")
     teacher = load_model(config.models.teacher, "teacher", dtype=config.models.teacher_dtype)
     student = load_model(config.models.student, "student")
