@@ -226,19 +226,22 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] = ()) -> Config:
     return config
 
 
+def flatten_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A config's mapping of sections as dotted keys: {"training": {"max_steps": 4}} -> {"training.max_steps": 4}."""
+    items: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            items.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            items[f"{prefix}{key}"] = value
+    return items
+
+
 def config_differences(stored: dict[str, Any], config: Config, ignore: tuple[str, ...] = ()) -> list[str]:
     """The dotted keys whose values differ between a stored config (a `to_dict` kept as JSON) and `config`, each as
     `key: stored -> now`; keys in `ignore` are left out."""
-    def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        items: dict[str, Any] = {}
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                items.update(flat(value, f"{prefix}{key}."))
-            else:
-                items[f"{prefix}{key}"] = value
-        return items
-
-    before, now = flat(stored), flat(json.loads(json.dumps(config.to_dict())))  # JSON turns tuples into lists
+    # JSON turns tuples into lists: compare both as JSON keeps them.
+    before, now = flatten_config(stored), flatten_config(json.loads(json.dumps(config.to_dict())))
     return [f"{key}: {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(before.keys() | now.keys())
             if key not in ignore and before.get(key) != now.get(key)]
 
