@@ -249,7 +249,7 @@ def test_terms_a_cache_cannot_serve_are_refused_by_the_config(tmp_path, term):
 
 def test_a_killed_cache_resumes_after_its_last_complete_shard_and_ends_identical(written, corpus, tiny_pair, tmp_path,
                                                                                  monkeypatch):
-    _, reference = written
+    reference_config, reference = written
     teacher, student = tiny_pair
     config = cached_run_config(tmp_path, corpus, tmp_path / "cache")
     tiny_shards = 0.005  # megabytes: one micro-batch per shard

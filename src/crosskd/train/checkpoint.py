@@ -193,13 +193,20 @@ def newest_valid_checkpoint(root: Path) -> tuple[Path | None, list[str]]:
     """The newest checkpoint under `root` that verifies, and why each newer one was skipped."""
     skipped = []
     for folder in reversed(list_checkpoints(root)):
-        try:
-            verify_checkpoint(folder)
-        except CheckpointError as error:
-            skipped.append(str(error))
-            continue
-        return folder, skipped
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder, skipped
+        skipped.append(problem)
     return None, skipped
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why `folder` is no valid checkpoint (`verify_checkpoint`'s reason), or None."""
+    try:
+        verify_checkpoint(folder)
+    except CheckpointError as error:
+        return str(error)
+    return None
 
 
 def remove_stale_temporaries(root: Path) -> list[Path]:

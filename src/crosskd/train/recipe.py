@@ -41,6 +41,7 @@ from crosskd.train.checkpoint import (
     LoadedCheckpoint,
     TrainingState,
     checkpoint_name,
+    checkpoint_problem,
     list_checkpoints,
     load_checkpoint,
     newest_valid_checkpoint,
@@ -492,8 +493,8 @@ def _schedule_at(step: int, total_steps: int, settings) -> tuple[dict[str, float
 
 def _end_of_step(run: Run, weights: dict[str, float], tau: float, total_steps: int, resumed: bool) -> None:
     """What follows optimizer step `run.state.step`: its evaluation when due, its checkpoint when due, early stopping.
-    `resumed`: redo only what a checkpoint written at this step lacks (the evaluation is in the history, the
-    checkpoint folder exists), so a resumed run does exactly what the straight run did."""
+    `resumed`: redo only what a checkpoint written at this step lacks (the evaluation is in the history, a valid
+    checkpoint of the step exists), so a resumed run does exactly what the straight run did."""
     state, training = run.state, run.config.training
     final = state.step == total_steps
     periodic_checkpoint = bool(training.checkpoint_every) and state.step % training.checkpoint_every == 0
@@ -507,7 +508,7 @@ def _end_of_step(run: Run, weights: dict[str, float], tau: float, total_steps: i
                              f"{training.early_stopping.patience} evaluations")
     improved = due_eval and state.best_step == state.step
     due_checkpoint = periodic_checkpoint or improved or final or state.stopped_early
-    written = resumed and (run.checkpoints_dir / checkpoint_name(state.step)).is_dir()
+    written = resumed and checkpoint_problem(run.checkpoints_dir / checkpoint_name(state.step)) is None
     if run.accelerator.is_main_process and due_checkpoint and not written:
         _save(run)
 
