@@ -8,20 +8,30 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from crosskd.train.checkpoint import (
+    MANIFEST_FILE,
+    OPTIMIZER_FILE,
+    TRAINABLE_FILE,
+    CheckpointError,
     TrainingState,
     checkpoint_name,
     list_checkpoints,
     load_checkpoint,
+    newest_valid_checkpoint,
     prune_checkpoints,
+    remove_stale_temporaries,
     save_checkpoint,
+    verify_checkpoint,
 )
 from crosskd.train.objective import DistillationObjective
-from trainer_helpers import REPO, log_records, run_training, tiny_config
+from crosskd.train import recipe
+from crosskd.train.recipe import RunFolderError
+from trainer_helpers import REPO, exported_weights, log_records, run_training, tiny_config
 
 RESUME_STEPS = 20
 RESUME_OVERRIDES = (f"training.max_steps={RESUME_STEPS}", "training.checkpoint_every=10", "optimizer.scheduler=cosine",
@@ -32,7 +42,8 @@ def _save(folder, step: int):
     weights = torch.arange(6.0).reshape(2, 3) + step
     # Two names for one tensor, as with tied embeddings: stored once.
     return save_checkpoint(folder, TrainingState(step=step, windows_consumed=2 * step),
-                           {"embed": weights, "head": weights}, {"state": {}}, {"last_epoch": step}, None)
+                           {"embed": weights, "head": weights}, {"state": {}}, {"last_epoch": step}, None,
+                           {"training": {"max_steps": 5}})
 
 
 def test_checkpoint_round_trip_and_tied_tensors_stored_once(tmp_path):
@@ -49,9 +60,9 @@ def test_checkpoint_round_trip_and_tied_tensors_stored_once(tmp_path):
 def test_incomplete_folders_are_never_listed_or_loaded(tmp_path):
     _save(tmp_path / checkpoint_name(1), step=1)
     (tmp_path / f".tmp-{checkpoint_name(2)}-123").mkdir()  # a writer killed mid-way
-    (tmp_path / checkpoint_name(3)).mkdir()  # no state.json
+    (tmp_path / checkpoint_name(3)).mkdir()  # no manifest.json
     assert list_checkpoints(tmp_path) == [tmp_path / checkpoint_name(1)]
-    with pytest.raises(FileNotFoundError, match="not a complete crosskd checkpoint"):
+    with pytest.raises(CheckpointError, match="not a complete crosskd checkpoint"):
         load_checkpoint(tmp_path / checkpoint_name(3))
 
 
@@ -75,6 +86,14 @@ def _interrupt_at_step(monkeypatch, step: int) -> None:
     monkeypatch.setattr(DistillationObjective, "forward", forward)
 
 
+def _stop_at_step(monkeypatch, config, step: int) -> None:
+    """Train `config` until Ctrl-C in the middle of optimizer step `step` (emergency checkpoint at step - 1)."""
+    _interrupt_at_step(monkeypatch, step)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(config)
+    monkeypatch.undo()
+
+
 def _losses(run_dir) -> list[tuple]:
     return [(r["step"], r["total"], r["loss/lm"], r["loss/kd"], r["lr"], r["temperature"])
             for r in log_records(run_dir)]
@@ -92,10 +111,7 @@ def straight_run(tmp_path_factory):
 @pytest.mark.parametrize("resume_from", ["periodic", "emergency"])
 def test_resumed_run_reproduces_the_uninterrupted_losses_exactly(tmp_path, monkeypatch, straight_run, resume_from):
     config = tiny_config(tmp_path, *RESUME_OVERRIDES)
-    _interrupt_at_step(monkeypatch, 11)
-    with pytest.raises(KeyboardInterrupt):
-        run_training(config)
-    monkeypatch.undo()
+    _stop_at_step(monkeypatch, config, 11)
     checkpoints = tmp_path / "run" / "checkpoints"
     emergency = checkpoints / f"{checkpoint_name(10)}-emergency"
     assert (checkpoints / checkpoint_name(10)).is_dir() and emergency.is_dir()
@@ -151,3 +167,131 @@ def test_resumed_projector_run_keeps_its_fitted_standardisation(tmp_path):
     resumed = tiny_config(tmp_path / "resumed", *overrides, corpus=tmp_path / "straight" / "corpus")
     run_training(resumed, resume=str(checkpoint))
     assert _losses(resumed.output.run_dir) == _losses(straight.output.run_dir)[2:]
+
+
+def test_a_run_stopped_in_its_final_evaluation_resumes_to_the_straight_runs_student(tmp_path, monkeypatch):
+    """Ctrl-C during the last step's evaluation leaves an emergency checkpoint at the last step: the resume must
+    evaluate that step and export the best student, as the straight run did (it exported the step-0 student)."""
+    straight = tiny_config(tmp_path / "straight", "training.max_steps=2")
+    expected = run_training(straight)
+    assert expected.best_step == 2  # trained: the untouched student is not the best
+
+    config = tiny_config(tmp_path / "stopped", "training.max_steps=2", corpus=tmp_path / "straight" / "corpus")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipe, "_evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(config)
+    monkeypatch.undo()
+    resumed = run_training(config, resume="latest")
+
+    assert (resumed.best_step, resumed.best_bpb) == (expected.best_step, expected.best_bpb)
+    straight_weights, resumed_weights = exported_weights(straight.output.run_dir), exported_weights(config.output.run_dir)
+    assert straight_weights.keys() == resumed_weights.keys()
+    assert all(torch.equal(straight_weights[name], resumed_weights[name]) for name in straight_weights)
+    assert [r["step"] for r in log_records(config.output.run_dir, "eval")] == [2]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "overwritten", "manifest"])
+def test_a_damaged_checkpoint_is_named_and_the_newest_valid_one_is_used(tmp_path, damage):
+    for step in (1, 2):
+        _save(tmp_path / checkpoint_name(step), step)
+    newest = tmp_path / checkpoint_name(2)
+    if damage == "truncated":
+        path = newest / TRAINABLE_FILE
+        path.write_bytes(path.read_bytes()[:-7])
+        reason = f"{path} has .* bytes"
+    elif damage == "overwritten":
+        path = newest / OPTIMIZER_FILE
+        data = bytearray(path.read_bytes())
+        data[-20] ^= 0xFF
+        path.write_bytes(bytes(data))
+        reason = f"{path} does not match its SHA-256"
+    else:
+        path = newest / MANIFEST_FILE
+        path.write_text(path.read_text()[:30])
+        reason = f"{path} is corrupt"
+    with pytest.raises(CheckpointError, match=reason):
+        verify_checkpoint(newest)
+    with pytest.raises(CheckpointError, match=reason):
+        load_checkpoint(newest)
+    folder, skipped = newest_valid_checkpoint(tmp_path)
+    assert folder == tmp_path / checkpoint_name(1)
+    assert len(skipped) == 1 and str(newest) in skipped[0]
+
+
+def test_stale_temporary_folders_of_killed_writers_are_removed(tmp_path):
+    dead_writer = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_writer.wait()
+    stale = tmp_path / f".tmp-{checkpoint_name(2)}-{dead_writer.pid}"
+    live = tmp_path / f".tmp-{checkpoint_name(3)}-{os.getppid()}"  # a writer that still runs
+    stale.mkdir()
+    live.mkdir()
+    assert remove_stale_temporaries(tmp_path) == [stale]
+    assert not stale.exists() and live.exists()
+
+
+def test_resume_skips_a_corrupt_newest_checkpoint_and_says_which(tmp_path, monkeypatch, capsys, straight_run):
+    config = tiny_config(tmp_path, *RESUME_OVERRIDES)
+    _stop_at_step(monkeypatch, config, 11)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    emergency = checkpoints / f"{checkpoint_name(10)}-emergency"
+    (emergency / TRAINABLE_FILE).write_bytes(b"")  # the newest checkpoint, truncated to nothing
+    capsys.readouterr()
+    run_training(config, resume="latest")
+    err = capsys.readouterr().err
+    assert f"skipped a checkpoint: {emergency / TRAINABLE_FILE} has 0 bytes" in err
+    assert _losses(config.output.run_dir) == _losses(straight_run)
+
+
+def test_resume_refuses_a_checkpoint_of_another_config_naming_the_fields(tmp_path, straight_run):
+    straight_run = Path(straight_run)
+    other = tiny_config(tmp_path, *RESUME_OVERRIDES, "training.max_steps=3", "objective.kd_top_k=8",
+                        f"output.run_dir={straight_run}", corpus=straight_run.parent / "corpus")
+    config_before = (straight_run / "config.yaml").read_text()
+    with pytest.raises(CheckpointError, match=r"configured differently: objective.kd_top_k: 32 -> 8; "
+                                              r"training.max_steps: 20 -> 3\. Resume it with the config"):
+        run_training(other, resume="latest")
+    assert (straight_run / "config.yaml").read_text() == config_before  # refused before anything was written
+
+
+def test_a_used_run_folder_is_refused_unless_overwritten_and_the_first_run_is_kept(tmp_path):
+    first = tiny_config(tmp_path, "training.max_steps=2")
+    run_training(first)
+    run_dir = tmp_path / "run"
+    kept = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+
+    second = tiny_config(tmp_path, "training.max_steps=3", corpus=tmp_path / "corpus")
+    with pytest.raises(RunFolderError, match=r"already holds a run \(checkpoints, log.jsonl, student, config.yaml\)\. "
+                                             r"Resume it with `crosskd train .*config.yaml --resume`, .*"
+                                             r"output.run_dir=NEW_FOLDER, or pass --overwrite"):
+        run_training(second)
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == kept  # nothing lost
+
+    result = run_training(second, overwrite=True)
+    assert result.steps == 3
+    assert [record["step"] for record in log_records(run_dir)] == [1, 2, 3]  # no row of the first run
+    assert [path.name for path in list_checkpoints(run_dir / "checkpoints")][-1] == checkpoint_name(3)
+    assert all(load_checkpoint(path).config["training"]["max_steps"] == 3
+               for path in list_checkpoints(run_dir / "checkpoints"))
+
+
+def _without_timings(records: list[dict]) -> list[dict]:
+    """Log records without what depends on the machine's speed."""
+    timings = ("wall_seconds", "tokens_per_second", "peak_memory_bytes")
+    return [{key: value for key, value in record.items() if key not in timings} for record in records]
+
+
+def test_a_resumed_log_keeps_one_row_per_step(tmp_path):
+    config = tiny_config(tmp_path, "training.max_steps=4", "training.checkpoint_every=2", "training.eval_every=1",
+                         "training.keep_checkpoints=10")
+    run_training(config)
+    straight = {kind: log_records(config.output.run_dir, kind) for kind in ("train", "eval")}
+    run_training(config, resume=str(tmp_path / "run" / "checkpoints" / checkpoint_name(2)))  # steps 3 and 4 again
+    assert [r["step"] for r in log_records(config.output.run_dir)] == [1, 2, 3, 4]
+    assert [r["step"] for r in log_records(config.output.run_dir, "eval")] == [1, 2, 3, 4]
+    resumed = {kind: log_records(config.output.run_dir, kind) for kind in ("train", "eval")}
+    assert _without_timings(resumed["train"]) == _without_timings(straight["train"])
+    assert len(log_records(config.output.run_dir, "start")) == 2  # each start of the process is kept

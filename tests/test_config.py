@@ -53,10 +53,10 @@ def test_wrong_types_are_rejected_naming_the_key(override, message):
 
 
 def test_numbers_are_read_as_the_declared_type():
-    config = load_config(TINY_CONFIG, ["optimizer.lr=2e-5", "objective.kd_alpha=1", "optimizer.betas=[0.8, 1]"])
+    config = load_config(TINY_CONFIG, ["optimizer.lr=2e-5", "objective.kd_alpha=1", "optimizer.betas=[0.8, 0]"])
     assert config.optimizer.lr == 2e-5 and isinstance(config.optimizer.lr, float)
     assert config.objective.kd_alpha == 1.0 and isinstance(config.objective.kd_alpha, float)
-    assert config.optimizer.betas == [0.8, 1.0] and all(isinstance(b, float) for b in config.optimizer.betas)
+    assert config.optimizer.betas == [0.8, 0.0] and all(isinstance(b, float) for b in config.optimizer.betas)
 
 
 @pytest.mark.parametrize(
@@ -130,3 +130,13 @@ def test_saved_config_loads_back_to_the_same_config(tmp_path):
     config.save(tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == config
     assert load_config(None) == Config()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optimizer.lr=-1e-3", r"optimizer.lr must not be negative, got -0.001"),
+    ("optimizer.betas=[0.9,1.0]", r"optimizer.betas must be two values in \[0, 1\)"),
+    ("optimizer.betas=[0.9]", r"optimizer.betas must be two values in \[0, 1\)"),
+])
+def test_optimizer_values_adamw_refuses_are_refused_by_the_config(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])

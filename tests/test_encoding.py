@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from tokenizers import Tokenizer, normalizers
 from transformers import PreTrainedTokenizerFast
 
+from crosskd.data import encoding
 from crosskd.data.encoding import encode_with_byte_spans, token_bytes_table
 from crosskd.testing import assert_exact_byte_spans, mixed_texts
 from crosskd.testing.tiny_tokenizers import TEST_TOKENIZERS, byte_level_bpe, sentencepiece_like, tiny_tokenizer
@@ -130,3 +131,36 @@ def test_typed_metaspace_character_spans_its_three_bytes():
     encoded = encode_with_byte_spans(tokenizer, "a▁b ▁")
     assert_exact_byte_spans(tokenizer, "a▁b ▁", encoded)
     assert encoded.byte_ends[-1] == len("a▁b ▁".encode("utf-8"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Long texts: bounded pieces, the whole text's tokens
+
+
+@pytest.mark.parametrize("name", sorted(TEST_TOKENIZERS))
+def test_a_long_text_is_tokenised_in_bounded_pieces_with_the_whole_texts_tokens(name, monkeypatch):
+    tokenizer = tiny_tokenizer(name)
+    text = "".join(f"def f{i}(x):\n    return x * {i}  # 日本 🎉\n\nclass C{i}:\n\tpass\n" for i in range(400))
+    whole = encode_with_byte_spans(tokenizer, text)
+    monkeypatch.setattr(encoding, "PIECE_CHARS", 500)
+    monkeypatch.setattr(encoding, "SEAM_CHARS", 100)
+    longest = []
+    original = type(tokenizer).__call__
+
+    def recording(self, piece, **kwargs):
+        longest.append(len(piece))
+        return original(self, piece, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", recording)
+    pieces = encode_with_byte_spans(tokenizer, text)
+    assert np.array_equal(pieces.ids, whole.ids)
+    assert np.array_equal(pieces.byte_starts, whole.byte_starts) and np.array_equal(pieces.byte_ends, whole.byte_ends)
+    assert max(longest) < 1000  # a piece and the context of a cut, never the whole text
+
+
+def test_a_long_text_without_a_seamless_cut_is_tokenised_whole(monkeypatch):
+    tokenizer = tiny_tokenizer(sorted(TEST_TOKENIZERS)[0])
+    text = "x" * 3000  # no cut candidate at all
+    whole = encode_with_byte_spans(tokenizer, text)
+    monkeypatch.setattr(encoding, "PIECE_CHARS", 500)
+    assert np.array_equal(encode_with_byte_spans(tokenizer, text).ids, whole.ids)

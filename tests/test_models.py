@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import ByT5Tokenizer, PreTrainedTokenizerFast
 
-from crosskd.models.loading import ModelNotFoundError, load_model, load_tokenizer, resolve_spec
+from crosskd.models.loading import ModelFileError, ModelNotFoundError, load_model, load_tokenizer, resolve_spec
 from crosskd.models.moe import expert_usage_entropy, is_moe_config, router_logits
 from crosskd.models.vocab import VOCAB_FACTS_FILE
 from crosskd.testing.tiny_models import (
@@ -234,3 +234,33 @@ def test_expert_usage_entropy_extremes():
     assert expert_usage_entropy([round_robin], top_k=1, token_mask=only_expert_1).item() == 0.0
     with pytest.raises(ValueError, match="top_k must be in 1..4"):
         expert_usage_entropy([round_robin], top_k=5)
+
+
+def test_a_missing_relative_path_is_not_tried_on_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for spec in ("runs/x", "runs/x/student"):  # an existing first folder, or more parts than a hub id has
+        with pytest.raises(ModelNotFoundError, match=f"model spec '{spec}' is a path but not an existing folder"):
+            resolve_spec(spec)
+
+
+def test_a_folder_without_config_json_is_named(tmp_path):
+    _, student_dir = materialize_tiny_pair(tmp_path / "pair")
+    (student_dir / "config.json").unlink()
+    with pytest.raises(ModelFileError, match=f"{student_dir} has no config.json, so it is not a Hugging Face model"):
+        load_model(student_dir, "student")
+
+
+def test_a_truncated_safetensors_file_is_named(tmp_path):
+    _, student_dir = materialize_tiny_pair(tmp_path / "pair")
+    (weights,) = student_dir.glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ModelFileError, match=f"{weights} has .* bytes but its header describes .*: truncated"):
+        load_model(student_dir, "student")
+
+
+def test_a_truncated_gguf_file_is_named(tmp_path):
+    damaged = tmp_path / "model.gguf"
+    damaged.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(12))  # a header cut short
+    with pytest.raises(ModelFileError, match=f"{damaged} could not be read as GGUF .*truncated or corrupt"):
+        load_model(damaged, "student")

@@ -353,3 +353,50 @@ def test_projector_on_top_k_embeddings_trains_from_a_top_k_cache_with_its_prepar
     for exact, from_cache in zip(online, cached):
         for key in ("loss/kd", "loss/anchor"):
             assert math.isclose(from_cache[key], exact[key], rel_tol=KD_RELATIVE_TOLERANCE, abs_tol=1e-6), key
+
+
+# --- damage ----------------------------------------------------------------------------------------------------------
+
+
+def _damage(path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        del data[-9:]
+    else:  # overwritten in place: same size, other values
+        data[-9] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["truncated", "overwritten"])
+def test_a_damaged_shard_is_named_when_opened_and_rewritten_by_cache_teacher(written, corpus, tiny_pair, tmp_path,
+                                                                            how):
+    _, reference = written
+    teacher, student = tiny_pair
+    copy = tmp_path / "cache"
+    shutil.copytree(reference.cache_dir, copy)
+    config = cached_run_config(tmp_path, corpus, copy)
+    shard = copy / read_index(copy)["shards"][0]["file"]
+    _damage(shard, how)
+    problem = "has .* bytes, the index records .*: truncated" if how == "truncated" else "does not match its SHA-256"
+    with pytest.raises(TeacherCacheError, match=f"damaged: {shard}.*{problem}.*rewrites the damaged shard"):
+        open_run_cache(config, teacher, student.tokenizer)
+
+    repaired = cache_teacher(config, progress=False)
+    assert repaired.resumed_at == 0  # the damaged shard was the first: everything is rewritten
+    assert (copy / shard.name).read_bytes() == (reference.cache_dir / shard.name).read_bytes()
+    open_run_cache(config, teacher, student.tokenizer)
+
+
+def test_a_truncated_index_is_named_and_cache_teacher_writes_the_cache_afresh(written, corpus, tiny_pair, tmp_path):
+    _, reference = written
+    teacher, student = tiny_pair
+    copy = tmp_path / "cache"
+    shutil.copytree(reference.cache_dir, copy)
+    index = copy / "index.json"
+    index.write_text(index.read_text()[:100])
+    config = cached_run_config(tmp_path, corpus, copy)
+    with pytest.raises(TeacherCacheError, match=f"{index} is corrupt .*cache-teacher"):
+        open_run_cache(config, teacher, student.tokenizer)
+    cache_teacher(config, progress=False)
+    assert read_index(copy) == read_index(reference.cache_dir)
+    open_run_cache(config, teacher, student.tokenizer)

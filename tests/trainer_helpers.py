@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from accelerate.state import AcceleratorState
 
@@ -93,11 +94,20 @@ def log_records(run_dir: Path, kind: str = "train") -> list[dict]:
     return [record for record in map(json.loads, lines) if record["kind"] == kind]
 
 
-def run_training(config: Config, resume: str | None = None, debug: bool = False) -> TrainResult:
+def exported_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The tensors of the run's exported student."""
+    tensors = {}
+    for path in sorted((Path(run_dir) / "student").glob("*.safetensors")):
+        tensors.update(load_file(str(path)))
+    return tensors
+
+
+def run_training(config: Config, resume: str | None = None, debug: bool = False,
+                 overwrite: bool = False) -> TrainResult:
     """`train` in this process, as a fresh `crosskd train` would: accelerate keeps its state (mixed precision
     included) in a process-wide singleton that an earlier run in the same pytest process must not leak into."""
     AcceleratorState._reset_state(reset_partial_state=True)
-    return train(config, resume=resume, debug=debug)
+    return train(config, resume=resume, debug=debug, overwrite=overwrite)
 
 
 def inject_nan_loss(monkeypatch, nan_calls) -> list[dict[str, torch.Tensor]]:

@@ -30,7 +30,8 @@ from crosskd.models.reference import SetupError, ensure_reference_models
 from crosskd.report.model_card import write_model_card
 from crosskd.report.page import report_path, write_report
 from crosskd.teacher.cache import DEFAULT_SHARD_MEGABYTES, CacheSummary, TeacherCacheError, write_teacher_cache
-from crosskd.train.recipe import TrainingStopped, TrainResult, train
+from crosskd.train.checkpoint import CheckpointError
+from crosskd.train.recipe import RunFolderError, TrainingStopped, TrainResult, train
 from crosskd.vocab.transfer import transfer_class
 
 ConfigSource = Config | str | Path | Mapping[str, Any] | None
@@ -46,14 +47,16 @@ def load_config(config: ConfigSource = None, overrides: Sequence[str] = ()) -> C
 
 
 def distill(config: ConfigSource, overrides: Sequence[str] = (), resume: str | None = None,
-            debug: bool = False) -> TrainResult:
+            debug: bool = False, overwrite: bool = False) -> TrainResult:
     """Train the student as configured and return the run's result: its folders, held-out BPB before, best, final
-    and of the teacher, and the skipped steps. `resume`: "latest" or a checkpoint folder. Raises `TrainingStopped`
-    when the run stopped on purpose (an emergency checkpoint was written first).
+    and of the teacher, and the skipped steps. `resume`: "latest" or a checkpoint folder. `overwrite`: delete the run
+    folder first when it holds another run (`RunFolderError` otherwise). Raises `TrainingStopped` when the run stopped
+    on purpose (an emergency checkpoint was written first), `CheckpointError` when the checkpoint to resume is
+    damaged or of another config.
 
     The main process then writes the exported student's model card and the run's report (`report_path`), both read
     back from the run folder's records (docs/REPORT.md)."""
-    result = train(load_config(config, overrides), resume=resume, debug=debug)
+    result = train(load_config(config, overrides), resume=resume, debug=debug, overwrite=overwrite)
     if PartialState().is_main_process:
         write_model_card(result.student_dir, result.run_dir)
         write_report([result.run_dir])
@@ -73,9 +76,13 @@ def cache_teacher(config: ConfigSource, overrides: Sequence[str] = (), processes
 
 def cli_train(args) -> int:
     try:
-        result = distill(args.config, args.overrides, resume=args.resume, debug=args.debug)
+        result = distill(args.config, args.overrides, resume=args.resume, debug=args.debug,
+                         overwrite=args.overwrite)
     except TrainingStopped:
         return 1  # the reason and the emergency checkpoint were printed when the run stopped
+    except (RunFolderError, CheckpointError) as error:
+        print(f"crosskd train: error: {error}", file=sys.stderr)
+        return 2
     if not PartialState().is_main_process:
         return 0
     teacher = f"{result.teacher_bpb:.4f}" if result.teacher_bpb is not None else "n/a"

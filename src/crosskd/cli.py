@@ -54,6 +54,8 @@ def _add_train(sub) -> None:
                         help="resume from the run's latest checkpoint")
     resume.add_argument("--resume-from", dest="resume", metavar="CHECKPOINT",
                         help="resume from this checkpoint folder (RUN_DIR/checkpoints/step-…)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete output.run_dir first when it holds another run (without it such a folder is refused)")
     p.add_argument("--debug", action="store_true", help="print raw and weighted loss components and check their sum")
     p.set_defaults(handler="crosskd.api:cli_train")
 
@@ -138,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="crosskd",
         description="Cross-tokenizer knowledge distillation: a teacher and a student with different vocabularies.",
     )
+    parser.add_argument("--traceback", action="store_true",
+                        help="on an error, show the Python traceback too (also CROSSKD_TRACEBACK=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_setup_models, _add_align_report, _add_train, _add_report, _add_cache_teacher, _add_eval,
                 _add_generate, _add_plan):
@@ -174,6 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        # crosskd's errors name the problem and its fix; the traceback would only bury that message.
+        if args.traceback or os.environ.get("CROSSKD_TRACEBACK") == "1":
+            raise
+        print(f"crosskd {args.command}: error: {error}\n(crosskd --traceback {args.command} ... shows where it "
+              "was raised)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -190,8 +190,11 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def save(self, path: Path) -> None:
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        path.write_text(self.to_yaml())
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -221,6 +224,26 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] = ()) -> Config:
     config = _build(Config, raw, prefix="")
     validate(config)
     return config
+
+
+def flatten_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A config's mapping of sections as dotted keys: {"training": {"max_steps": 4}} -> {"training.max_steps": 4}."""
+    items: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            items.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            items[f"{prefix}{key}"] = value
+    return items
+
+
+def config_differences(stored: dict[str, Any], config: Config, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The dotted keys whose values differ between a stored config (a `to_dict` kept as JSON) and `config`, each as
+    `key: stored -> now`; keys in `ignore` are left out."""
+    # JSON turns tuples into lists: compare both as JSON keeps them.
+    before, now = flatten_config(stored), flatten_config(json.loads(json.dumps(config.to_dict())))
+    return [f"{key}: {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(before.keys() | now.keys())
+            if key not in ignore and before.get(key) != now.get(key)]
 
 
 def _apply_override(raw: dict[str, Any], override: str) -> None:
@@ -335,8 +358,21 @@ def validate(config: Config) -> None:
             raise ConfigError(f"training.{key} must be at least 1")
     if config.schedule.temperature_start <= 0 or config.schedule.temperature_end <= 0:
         raise ConfigError("schedule temperatures must be positive")
+    _check_optimizer(config.optimizer)
     if config.teacher.source == "cache":
         require_cacheable_terms(config)
+
+
+def _check_optimizer(optimizer: OptimizerConfig) -> None:
+    """What AdamW would refuse only after the models have loaded, refused here naming the key."""
+    for key in ("lr", "weight_decay", "student_lr_multiplier", "heads_lr_multiplier", "projector_lr_multiplier",
+                "warmup_steps", "grad_clip"):
+        if getattr(optimizer, key) < 0:
+            raise ConfigError(f"optimizer.{key} must not be negative, got {getattr(optimizer, key)}")
+    betas = optimizer.betas
+    if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+        raise ConfigError(f"optimizer.betas must be two values in [0, 1) (AdamW's averaging factors, e.g. "
+                          f"[0.9, 0.999]), got {betas}")
 
 
 # Why each intermediate-layer term cannot be served by a teacher cache (crosskd cache-teacher stores what the

@@ -59,18 +59,46 @@ class TrainingCorpus:
         return dual_windows(self._epoch_documents(epoch), self.student_tokenizer, self.teacher_tokenizer,
                             self.config.window_tokens)
 
+    def check_training_window(self) -> None:
+        """Raise before the first step when the training documents give no window: the endless stream would
+        otherwise wait for one forever. Reads only as far as the first window."""
+        next(self._all_windows())
+
+    def check_heldout_window(self) -> None:
+        """Raise before the first step when the held-out text gives no window: the retention metrics of every
+        evaluation, the final one included, read held-out windows."""
+        if not self.eval_batches(batch_size=1, device="cpu"):
+            raise ValueError(
+                f"the held-out text ({len(self.eval_text()):,} characters) gives no window of "
+                f"data.window_tokens={self.config.window_tokens} student tokens, which evaluation needs; lower "
+                "data.window_tokens or hold out more text (data.heldout_documents, data.eval_fraction, "
+                "data.eval_max_chars)"
+            )
+
+    def _no_window_error(self) -> ValueError:
+        characters = sum(len(document.text) for document in self.train_documents)
+        return ValueError(
+            f"the training documents ({len(self.train_documents)}, {characters:,} characters) give no window of "
+            f"data.window_tokens={self.config.window_tokens} student tokens; add training text, lower "
+            "data.window_tokens, or hold out fewer documents (data.heldout_documents, data.eval_fraction)"
+        )
+
     def _all_windows(self) -> Iterator[DualWindow]:
         limit = self.config.max_train_windows
         if limit is None:
             for epoch in itertools.count():
-                yield from self._epoch_windows(epoch)
+                windows = self._epoch_windows(epoch)
+                first = next(windows, None)
+                if first is None:  # every epoch holds the same documents: none will ever give a window
+                    raise self._no_window_error()
+                yield first
+                yield from windows
             return
         # A small corpus: the first epoch's first `limit` windows, then the same windows again in a new order each
         # epoch (seeded, so a resumed run reads what the straight run read).
         kept = list(itertools.islice(self._epoch_windows(0), limit))
         if not kept:
-            raise ValueError("the training documents give no window of data.window_tokens tokens; add text or lower "
-                             "data.window_tokens")
+            raise self._no_window_error()
         yield from kept
         for epoch in itertools.count(1):
             order = list(range(len(kept)))

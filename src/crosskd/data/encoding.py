@@ -150,14 +150,70 @@ def _tokenizer_name(tokenizer) -> str:
     return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
 
 
+# A fast tokenizer's output for a whole text costs about 400 bytes per character (token strings, offset tuples,
+# Python lists): an 8 MB document peaked at 3.3 GB. Longer texts are tokenised in pieces of about this many
+# characters, so memory is bounded by the piece and the result (24 bytes per token). No document of the stdlib
+# corpus is this long (its longest, pydoc_data/topics.py, has ~0.76 M), so the reference runs tokenise as before.
+PIECE_CHARS = 1 << 20
+# Context either side of a cut in which cutting must not change a token (checked by tokenising it both ways).
+SEAM_CHARS = 2048
+SEAM_TRIES = 8  # candidate cuts tried per piece before the text is tokenised whole
+# Where pre-tokenizers split anyway: before the space between two word characters, after a newline between visible
+# ones (the seam check decides; these only make it likely to pass).
+_CUT_CANDIDATE = re.compile(r"(?<=\w)(?= \w)|(?<=\S\n)(?=\S)")
+
+
 def encode_with_byte_spans(tokenizer, text: str) -> EncodedText:
     """Tokenise `text` as plain text (special-token strings are text, no BOS/EOS added) with exact byte spans.
 
     Spans are contiguous and non-overlapping, each span's bytes are the token's bytes and together they are the UTF-8
     text. The one exception is the space a Metaspace (SentencePiece) tokenizer prepends to the text: it is not in the
     text, so the token carrying it spans one byte less (an empty span if the token is just '▁').
+
+    A text longer than `PIECE_CHARS` is tokenised in pieces, cut only where tokenising the `SEAM_CHARS` around the
+    cut in one go gives the same tokens as in two (where pre-tokenizers split anyway: `_CUT_CANDIDATE`); where no
+    such cut is found the rest is tokenised whole. Either way the ids and spans are those of the whole text.
     """
     require_fast_tokenizer(tokenizer)
+    if len(text) <= PIECE_CHARS:
+        return _encode_piece(tokenizer, text)
+    pieces, start = [], 0
+    while start < len(text):
+        cut = _seamless_cut(tokenizer, text, start + PIECE_CHARS) if start + PIECE_CHARS < len(text) else len(text)
+        if cut is None:
+            if not pieces:
+                return _encode_piece(tokenizer, text)
+            cut = len(text)
+        pieces.append(text[start:cut])
+        start = cut
+    return _joined(tokenizer, pieces)
+
+
+def _seamless_cut(tokenizer, text: str, near: int) -> int | None:
+    """The first cut at or after `near` that changes no token around it, or None after `SEAM_TRIES` candidates."""
+    for attempt, match in enumerate(_CUT_CANDIDATE.finditer(text, near)):
+        if attempt == SEAM_TRIES:
+            return None
+        cut = match.start()
+        left, right = text[max(0, cut - SEAM_CHARS) : cut], text[cut : cut + SEAM_CHARS]
+        if np.array_equal(_encode_piece(tokenizer, left + right).ids, _joined(tokenizer, [left, right]).ids):
+            return cut
+    return None
+
+
+def _joined(tokenizer, pieces: list[str]) -> EncodedText:
+    """Consecutive pieces of one text tokenised one by one, as one encoding: each piece's spans shifted by the bytes
+    of the pieces before it."""
+    encoded = [_encode_piece(tokenizer, piece) for piece in pieces]
+    shifts = np.cumsum([0] + [len(piece.encode("utf-8")) for piece in pieces[:-1]])
+    return EncodedText(
+        ids=np.concatenate([part.ids for part in encoded]),
+        byte_starts=np.concatenate([part.byte_starts + shift for part, shift in zip(encoded, shifts)]),
+        byte_ends=np.concatenate([part.byte_ends + shift for part, shift in zip(encoded, shifts)]),
+    )
+
+
+def _encode_piece(tokenizer, text: str) -> EncodedText:
     encoding = tokenizer(
         text,
         add_special_tokens=False,

@@ -8,6 +8,7 @@ and text a run uses; every such check reads its hashes from here, so two stored 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -17,6 +18,12 @@ import torch
 class NamedText(Protocol):
     name: str
     text: str
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes: what a checkpoint's manifest and a cache's index record of every file."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def tokenizer_hash(tokenizer) -> str:

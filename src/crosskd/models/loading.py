@@ -15,6 +15,7 @@ compute dtype; `LoadedModel.compute_dtype` is what its forward pass should autoc
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +39,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class ModelNotFoundError(OSError):
     pass
+
+
+class ModelFileError(ValueError):
+    """A model file that exists but cannot be what it claims (truncated, corrupt, not a model folder)."""
 
 
 @dataclass(frozen=True)
@@ -81,8 +86,12 @@ def resolve_spec(spec: str | os.PathLike) -> ModelSource:
         return ModelSource(spec, str(path.parent.resolve()), gguf_file=path.name)
     if path.is_dir():
         return ModelSource(spec, str(path.resolve()))
-    # Hub ids look like "org/name", so only these forms are surely paths.
-    if path.exists() or spec.endswith(".gguf") or spec.startswith((".", "/", "~")):
+    # Hub ids look like "name" or "org/name", so these forms are surely paths: trying them on the hub only waits for
+    # its retries (about a minute without network) before failing.
+    first_part = spec.split("/", 1)[0]
+    surely_path = (path.exists() or spec.endswith(".gguf") or spec.startswith((".", "/", "~")) or spec.count("/") > 1
+                   or ("/" in spec and Path(first_part).is_dir()))
+    if surely_path:
         raise ModelNotFoundError(
             f"model spec {spec!r} is a path but not an existing folder or .gguf file; check the path, or run "
             "`crosskd setup-models` and use reference:teacher / reference:student"
@@ -109,14 +118,52 @@ def load_pretrained(loader, source: ModelSource, **kwargs):
     name the hub cannot provide raises ModelNotFoundError saying what to pass instead."""
     try:
         return loader.from_pretrained(source.location, **source.from_pretrained_kwargs(), **kwargs)
-    except OSError as error:
-        if source.is_local:
+    except Exception as error:
+        if source.gguf_file:  # the GGUF reader fails on a damaged file with whatever its parser meets (struct, numpy)
+            raise ModelFileError(
+                f"{Path(source.location) / source.gguf_file} could not be read as GGUF "
+                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): the file is truncated "
+                "or corrupt; download or convert it again"
+            ) from error
+        if source.is_local or not isinstance(error, OSError):
             raise
         raise ModelNotFoundError(
             f"could not find model {source.spec!r} locally (it is not a folder or .gguf file, and the Hugging Face "
             f"hub could not provide it: {str(error).splitlines()[0]}). Pass a local model folder or .gguf file, or run "
             "`crosskd setup-models` and use reference:teacher / reference:student."
         ) from error
+
+
+def check_model_folder(folder: Path) -> None:
+    """Name what is wrong with a model folder before transformers reads it (its errors name neither the folder nor
+    the file): no config.json, or a safetensors file shorter than its header says."""
+    if not (folder / "config.json").is_file():
+        raise ModelFileError(
+            f"{folder} has no config.json, so it is not a Hugging Face model folder (one holds config.json, the "
+            "weights as *.safetensors and the tokenizer files); pass such a folder, a .gguf file or a hub id"
+        )
+    for path in sorted(folder.glob("*.safetensors")):
+        problem = _safetensors_problem(path)
+        if problem is not None:
+            raise ModelFileError(f"{path} {problem}; download or convert the model again")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """A safetensors file is an 8-byte header length, a JSON header with each tensor's byte range, then the data."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        header_length = int.from_bytes(handle.read(8), "little")
+        if size < 8 or 8 + header_length > size:
+            return f"has {size} bytes, fewer than its header needs: truncated"
+        try:
+            header = json.loads(handle.read(header_length))
+        except ValueError:
+            return "has a corrupt header: not a safetensors file, or damaged"
+    data_end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+    expected = 8 + header_length + data_end
+    if size < expected:
+        return f"has {size} bytes but its header describes {expected}: truncated"
+    return None
 
 
 def ensure_pad_token(tokenizer) -> None:
@@ -159,6 +206,8 @@ def load_model(spec: str | os.PathLike, role: str, dtype: str = "float32") -> Lo
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     source = resolve_spec(spec)
+    if source.is_local and not source.gguf_file:
+        check_model_folder(Path(source.location))
     tokenizer = _load_tokenizer(source, role)
     compute_dtype = DTYPES[dtype]
     load_dtype = compute_dtype if role == "teacher" else torch.float32

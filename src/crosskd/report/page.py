@@ -8,6 +8,7 @@ import html
 import sys
 from pathlib import Path
 
+from crosskd.config import flatten_config
 from crosskd.report import plots
 from crosskd.report.records import NotARunFolder, RunRecords, read_run, summarise, summary_rows
 
@@ -103,7 +104,7 @@ def _summary_table(runs: list[RunRecords], names: list[str]) -> str:
 
 def _settings_table(runs: list[RunRecords], names: list[str]) -> str:
     """The models, and the settings in which the runs differ (all of them would bury the one that matters)."""
-    flat = [_flatten(run.config) for run in runs]
+    flat = [flatten_config(run.config) for run in runs]
     keys = sorted(set().union(*flat))
     shown = [key for key in keys if key.startswith("models.") or len({repr(f.get(key)) for f in flat}) > 1]
     if len(runs) > 1:
@@ -114,16 +115,6 @@ def _settings_table(runs: list[RunRecords], names: list[str]) -> str:
                    for key in shown)
     intro = "Settings that differ between the runs" if len(runs) > 1 else "Models"
     return f"<h2>{intro}</h2><p>The full resolved config is each run's config.yaml.</p><table>{header}{rows}</table>"
-
-
-def _flatten(config: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def cli_report(args) -> int:

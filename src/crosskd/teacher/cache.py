@@ -31,6 +31,9 @@ from crosskd.data.sources import load_documents
 from crosskd.models.loading import load_model, load_tokenizer
 from crosskd.models.precision import MixedPrecision
 from crosskd.teacher.cache_format import (
+    TeacherCacheError,
+    shard_entry,
+    shard_problem,
     FORMAT_VERSION,
     INDEX_FILE,
     KEY_BYTES,
@@ -48,10 +51,6 @@ from crosskd.teacher.online import OnlineTeacher, TeacherNeeds, TeacherSignal
 
 DEFAULT_SHARD_MEGABYTES = 64
 WINDOW_BYTES = KEY_BYTES + 8  # a window's key and its row offset
-
-
-class TeacherCacheError(ValueError):
-    """A cache that cannot serve this run: the message names what differs and how to fix it."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -166,8 +165,8 @@ class _ShardWriter:
         partial = self.cache_dir / f".{name}.{os.getpid()}.tmp"
         save_file(tensors, str(partial))
         os.replace(partial, self.cache_dir / name)
-        self.index["shards"].append({"file": name, "micro_batches": [self.start, end], "windows": len(self.keys),
-                                     "positions": sum(counts), "bytes": (self.cache_dir / name).stat().st_size})
+        self.index["shards"].append(shard_entry(self.cache_dir / name, micro_batches=[self.start, end],
+                                                windows=len(self.keys), positions=sum(counts)))
         write_index(self.cache_dir, self.index)
         self.keys, self.rows, self.start = [], [], end
 
@@ -211,7 +210,13 @@ def write_teacher_cache(config: Config, needs: TeacherNeeds, with_preparation: b
     index = {"format": FORMAT_VERSION, "fingerprint": fingerprint, "layout": layout.to_dict(),
              "budget": budget.to_dict(), "plan": {**survey, "shard_micro_batches": shard_micro_batches},
              "shards": [], "complete": False}
-    existing = read_index(cache_dir)
+    try:
+        existing = read_index(cache_dir)
+    except TeacherCacheError as error:
+        print(f"{error}; writing it afresh", flush=True)
+        existing = None
+        for stale in cache_dir.glob("shard-*.safetensors"):
+            stale.unlink()
     if existing is not None:
         difference = fingerprint_difference(existing["fingerprint"], fingerprint) or _plan_difference(existing, index)
         if difference:
@@ -221,6 +226,7 @@ def write_teacher_cache(config: Config, needs: TeacherNeeds, with_preparation: b
             )
         index = existing
         shard_micro_batches = index["plan"]["shard_micro_batches"]
+        _drop_damaged_shards(cache_dir, index)
     cache_dir.mkdir(parents=True, exist_ok=True)
     for partial in cache_dir.glob(".*.tmp"):  # left by a killed writer; only renamed files are part of the cache
         partial.unlink()
@@ -263,6 +269,18 @@ def write_teacher_cache(config: Config, needs: TeacherNeeds, with_preparation: b
     return CacheSummary(cache_dir, survey["micro_batches"], survey["windows"], survey["unique_windows"],
                         survey["positions"], survey["student_tokens"],
                         sum(shard["bytes"] for shard in index["shards"]), time.perf_counter() - started, resumed_at)
+
+
+def _drop_damaged_shards(cache_dir: Path, index: dict) -> None:
+    """Cut the index before its first damaged shard, so that the writer rewrites it and every shard after it
+    (shards hold consecutive micro-batches; a later one may lean on the windows of an earlier one)."""
+    for number, shard in enumerate(index["shards"]):
+        problem = shard_problem(cache_dir, shard)
+        if problem is not None:
+            print(f"{problem}: rewriting the cache from micro-batch {shard['micro_batches'][0]}", flush=True)
+            index["shards"], index["complete"] = index["shards"][:number], False
+            write_index(cache_dir, index)
+            return
 
 
 def _plan_difference(existing: dict, planned: dict) -> str | None:
@@ -352,6 +370,11 @@ def open_teacher_cache(config: Config, needs: TeacherNeeds, teacher, student_tok
         raise TeacherCacheError(f"the teacher cache {cache_dir} was written for another run: {difference}. {rerun} "
                                 "(or point teacher.cache_dir at a cache written for it)")
     _require_budget(Budget(**index["budget"]), config, PartialState().num_processes, cache_dir)
+    for shard in index["shards"]:
+        problem = shard_problem(cache_dir, shard)
+        if problem is not None:
+            raise TeacherCacheError(f"the teacher cache {cache_dir} is damaged: {problem}. {rerun} again: it "
+                                    "rewrites the damaged shard and those after it")
     return CachedTeacher(cache_dir, index)
 
 

@@ -29,7 +29,7 @@ from crosskd.data.collate import DualBatch
 from crosskd.data.sources import Document
 from crosskd.losses.target import TopKTarget
 from crosskd.teacher.online import TeacherNeeds, TeacherSignal
-from crosskd.models.fingerprints import documents_hash, tokenizer_hash, valid_ids_hash, weights_hash
+from crosskd.models.fingerprints import documents_hash, file_sha256, tokenizer_hash, valid_ids_hash, weights_hash
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
@@ -41,6 +41,10 @@ LOW_ID_BITS = 16
 FP16_RELATIVE_ROUNDING = 2.0**-11
 FP16_ABSOLUTE_ROUNDING = 2.0**-25
 FP16_MAX = float(torch.finfo(torch.float16).max)
+
+
+class TeacherCacheError(ValueError):
+    """A cache that cannot serve this run: the message names what differs and how to fix it."""
 
 
 def cache_dir_of(config: Config) -> Path:
@@ -240,8 +244,34 @@ def _short(value) -> str:
 
 
 def read_index(cache_dir: Path) -> dict | None:
+    """The cache's index, None when there is none; a `TeacherCacheError` when it cannot be read."""
     path = cache_dir / INDEX_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise TeacherCacheError(f"{path} is corrupt ({error}): the cache's shards cannot be trusted. Run `crosskd "
+                                "cache-teacher` with the run's config again: it writes the cache afresh") from error
+
+
+def shard_entry(path: Path, **facts) -> dict:
+    """A shard's line in the index: its facts plus its size and SHA-256, checked whenever the cache is opened."""
+    return {"file": path.name, **facts, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def shard_problem(cache_dir: Path, shard: dict) -> str | None:
+    """What is wrong with a shard against its index entry (missing, truncated, overwritten), or None."""
+    path = cache_dir / shard["file"]
+    if not path.is_file():
+        return f"{path} is missing"
+    size = path.stat().st_size
+    if size != shard["bytes"]:
+        return f"{path} has {size} bytes, the index records {shard['bytes']}: truncated or replaced"
+    # Indexes written before checksums were recorded are checked by size alone.
+    if "sha256" in shard and file_sha256(path) != shard["sha256"]:
+        return f"{path} does not match its SHA-256 in {INDEX_FILE}: overwritten or corrupt"
+    return None
 
 
 def write_index(cache_dir: Path, index: dict) -> None:

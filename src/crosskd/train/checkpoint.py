@@ -1,8 +1,11 @@
 """Checkpoints: atomic on disk, complete enough that a resumed run repeats the uninterrupted one exactly on CPU.
 
 A checkpoint is a folder `step-000010/` with the trainable state (student and heads) in safetensors, the optimizer,
-scheduler, scaler and RNG states, and `state.json` (step, data position, best BPB, counters). It is written into a
-temporary sibling, fsynced, and renamed into place: a killed writer leaves only a `.tmp-*` folder that is never read.
+scheduler, scaler and RNG states, `state.json` (step, data position, best BPB, counters) and, written last,
+`manifest.json`: the run's config and every file's size and SHA-256. It is written into a temporary sibling, fsynced,
+and renamed into place: a killed writer leaves only a `.tmp-*` folder that is never read (and removed on the next
+start). A checkpoint is read only after its manifest checks out, so a truncated or overwritten file is named, never
+loaded.
 """
 
 from __future__ import annotations
@@ -18,9 +21,17 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from crosskd.models.fingerprints import file_sha256
+
 STATE_FILE = "state.json"
 TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
+MANIFEST_FILE = "manifest.json"  # written last: its presence marks a complete checkpoint
+TEMPORARY_PREFIX = ".tmp-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is incomplete, corrupt or from another run's config."""
 
 
 @dataclass
@@ -35,6 +46,7 @@ class TrainingState:
     nonfinite_skipped: int = 0
     overflow_skipped: int = 0
     consecutive_nonfinite: int = 0
+    stopped_early: bool = False  # early stopping ended the run: a resume only finishes it (export)
     history: list[dict] = field(default_factory=list)  # evaluation records
 
 
@@ -60,10 +72,12 @@ def save_checkpoint(
     optimizer_state: dict,
     scheduler_state: dict,
     scaler_state: dict | None,
+    config: dict,
 ) -> Path:
-    """Write a checkpoint atomically into `folder` (the final name) and return it."""
+    """Write a checkpoint of the run configured by `config` (its dict) atomically into `folder` (the final name) and
+    return it."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    temporary = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
+    temporary = folder.parent / f"{TEMPORARY_PREFIX}{folder.name}-{os.getpid()}"
     if temporary.exists():
         shutil.rmtree(temporary)
     temporary.mkdir()
@@ -85,11 +99,39 @@ def save_checkpoint(
         temporary / OPTIMIZER_FILE,
     )
     (temporary / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+    files = {path.name: {"bytes": path.stat().st_size, "sha256": file_sha256(path)} for path in sorted(temporary.iterdir())}
+    (temporary / MANIFEST_FILE).write_text(json.dumps({"config": config, "files": files}, indent=1))
     _fsync_tree(temporary)
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(temporary, folder)
     return folder
+
+
+def verify_checkpoint(folder: Path) -> dict:
+    """The checkpoint's manifest, after checking every file it lists against its size and SHA-256; a
+    `CheckpointError` naming the file and what is wrong with it otherwise."""
+    manifest_path = folder / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise CheckpointError(
+            f"{folder} is not a complete crosskd checkpoint (no {MANIFEST_FILE}); pass a folder named step-NNNNNN "
+            "from the run's checkpoints/ directory"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{manifest_path} is corrupt ({error}); the checkpoint cannot be trusted") from error
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing (listed in {MANIFEST_FILE})")
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            raise CheckpointError(f"{path} has {size} bytes, {expected['bytes']} were written: truncated or replaced")
+        if file_sha256(path) != expected["sha256"]:
+            raise CheckpointError(f"{path} does not match its SHA-256 in {MANIFEST_FILE}: overwritten or corrupt")
+    return manifest
 
 
 def _untie(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -106,6 +148,8 @@ def _untie(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @dataclass
 class LoadedCheckpoint:
+    folder: Path
+    config: dict  # the config of the run that wrote it
     state: TrainingState
     trainable: dict[str, torch.Tensor]
     optimizer: dict
@@ -115,13 +159,12 @@ class LoadedCheckpoint:
 
 
 def load_checkpoint(folder: Path) -> LoadedCheckpoint:
-    if not (folder / STATE_FILE).is_file():
-        raise FileNotFoundError(
-            f"{folder} is not a complete crosskd checkpoint (no {STATE_FILE}); pass a folder named step-NNNNNN "
-            "from the run's checkpoints/ directory"
-        )
+    """A verified checkpoint (`verify_checkpoint`)."""
+    manifest = verify_checkpoint(folder)
     extra = torch.load(folder / OPTIMIZER_FILE, weights_only=False)
     return LoadedCheckpoint(
+        folder=folder,
+        config=manifest["config"],
         state=TrainingState(**json.loads((folder / STATE_FILE).read_text())),
         trainable=load_file(str(folder / TRAINABLE_FILE)),
         optimizer=extra["optimizer"],
@@ -143,7 +186,49 @@ def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under `root`, oldest first (temporary folders are never listed)."""
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / STATE_FILE).is_file())
+    return sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / MANIFEST_FILE).is_file())
+
+
+def newest_valid_checkpoint(root: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint under `root` that verifies, and why each newer one was skipped."""
+    skipped = []
+    for folder in reversed(list_checkpoints(root)):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder, skipped
+        skipped.append(problem)
+    return None, skipped
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why `folder` is no valid checkpoint (`verify_checkpoint`'s reason), or None."""
+    try:
+        verify_checkpoint(folder)
+    except CheckpointError as error:
+        return str(error)
+    return None
+
+
+def remove_stale_temporaries(root: Path) -> list[Path]:
+    """Remove the temporary folders of checkpoint writers that no longer run (a kill mid-write); return them."""
+    removed = []
+    for path in root.glob(f"{TEMPORARY_PREFIX}step-*") if root.is_dir() else ():
+        writer = path.name.rsplit("-", 1)[-1]
+        if writer.isdigit() and int(writer) != os.getpid() and _process_alive(int(writer)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def prune_checkpoints(root: Path, keep_last: int, protect: Path | None) -> None:

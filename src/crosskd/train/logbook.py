@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 from pathlib import Path
 
@@ -14,8 +15,15 @@ import torch
 from tqdm.auto import tqdm
 
 
+LOG_FILE = "log.jsonl"
+
+
 class Logbook:
-    def __init__(self, run_dir: Path, total_steps: int, tensorboard: bool, enabled: bool, initial_step: int = 0):
+    def __init__(self, run_dir: Path, total_steps: int, tensorboard: bool, enabled: bool, initial_step: int = 0,
+                 evaluated_steps: set[int] | None = None):
+        """`evaluated_steps`: on resume, the evaluations the checkpoint holds; the log forgets the records the
+        resumed run writes again (steps after `initial_step`, evaluations the checkpoint lacks), so it keeps one row
+        per step."""
         self.enabled = enabled  # only the main process writes
         self.jsonl = None
         self.writer = None
@@ -23,7 +31,9 @@ class Logbook:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(run_dir / "log.jsonl", "a", buffering=1)
+        if evaluated_steps is not None and (run_dir / LOG_FILE).is_file():
+            _forget_records_after(run_dir / LOG_FILE, initial_step, evaluated_steps)
+        self.jsonl = open(run_dir / LOG_FILE, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -56,6 +66,18 @@ class Logbook:
         self.jsonl.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _forget_records_after(path: Path, step: int, evaluated_steps: set[int]) -> None:
+    def kept(record: dict) -> bool:
+        if record["kind"] == "eval":
+            return record["step"] in evaluated_steps
+        return record["kind"] == "start" or record["step"] <= step
+
+    lines = [line for line in path.read_text().splitlines() if line.strip() and kept(json.loads(line))]
+    partial = path.with_name(f".{path.name}.tmp")
+    partial.write_text("".join(f"{line}\n" for line in lines))
+    os.replace(partial, path)
 
 
 def format_step_line(step: int, total: int, values: dict) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -27,7 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
-from crosskd.config import Config
+from crosskd.config import Config, config_differences
 from crosskd.data.collate import collate_windows
 from crosskd.data.corpus import TrainingCorpus, windows_per_step
 from crosskd.evaluate import bits_per_byte
@@ -36,21 +37,35 @@ from crosskd.models.loading import LoadedModel, load_model
 from crosskd.models.precision import MixedPrecision
 from crosskd.schedules import loss_weights, schedule_settings, temperature
 from crosskd.train.checkpoint import (
+    CheckpointError,
+    LoadedCheckpoint,
     TrainingState,
     checkpoint_name,
+    checkpoint_problem,
     list_checkpoints,
     load_checkpoint,
+    newest_valid_checkpoint,
     prune_checkpoints,
+    remove_stale_temporaries,
     restore_rng,
     save_checkpoint,
 )
-from crosskd.train.logbook import Logbook, check_sum, format_step_line, peak_memory_bytes
+from crosskd.train.logbook import LOG_FILE, Logbook, check_sum, format_step_line, peak_memory_bytes
 from crosskd.train.objective import DistillationObjective
 from crosskd.vocab.transfer import ParameterGroup
 
 
+CONFIG_FILE = "config.yaml"
+# Keys a resumed run may change: where it writes and how often it logs, nothing it computes.
+RESUME_FREE_KEYS = ("output.run_dir", "output.tensorboard", "training.log_every")
+
+
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (too many non-finite steps, a signal); a checkpoint was written first."""
+
+
+class RunFolderError(ValueError):
+    """The run folder holds another run: training into it would replace or mix that run's results."""
 
 
 @dataclass
@@ -116,14 +131,18 @@ def _load_trainable_state(student, objective, tensors: dict[str, torch.Tensor]) 
 class _SignalGuard:
     """Turn SIGTERM into a stop request that the loop honours between steps, so that the emergency checkpoint is
     written at a step boundary: a handler raising mid-step could leave an optimizer update or a checkpoint write
-    half done."""
+    half done. While the loop only reads data (`reading_data`) nothing is half done, so SIGTERM stops it at once: a
+    read that waits long (or forever) must not make the process deaf to it."""
 
     def __enter__(self):
         self.previous = signal.getsignal(signal.SIGTERM)
         self.requested = False
+        self.reading = False
 
         def handler(signum, frame):
             self.requested = True
+            if self.reading:
+                raise TrainingStopped("received SIGTERM while reading training data")
 
         try:
             signal.signal(signal.SIGTERM, handler)
@@ -135,6 +154,14 @@ class _SignalGuard:
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
         return False
+
+    @contextlib.contextmanager
+    def reading_data(self):
+        self.reading = True
+        try:
+            yield
+        finally:
+            self.reading = False
 
     def stop_requested(self, accelerator) -> bool:
         """Whether any process received SIGTERM: all of them must stop at the same step or the others would wait
@@ -164,7 +191,9 @@ class Run:
     logbook: Logbook | None = None
 
 
-def train(config: Config, resume: str | None = None, debug: bool = False) -> TrainResult:
+def train(config: Config, resume: str | None = None, debug: bool = False, overwrite: bool = False) -> TrainResult:
+    """`resume`: "latest" or a checkpoint folder; `overwrite`: delete the run folder first when it holds another run
+    (without it such a folder is refused)."""
     started = time.perf_counter()
     run_dir = Path(config.output.run_dir)
     checkpoints_dir = run_dir / "checkpoints"
@@ -177,6 +206,13 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
     precision = MixedPrecision(accelerator, training.mixed_precision)
     set_seed(training.seed)
     main = accelerator.is_main_process
+    # Before anything is written or loaded: a run folder and its checkpoints belong to one run.
+    if resume:
+        if overwrite:
+            raise RunFolderError("--resume continues the run in its folder and --overwrite deletes it: choose one")
+        resumed = _checkpoint_to_resume(config, resume, checkpoints_dir)
+    elif main:
+        _claim_run_folder(run_dir, config, overwrite)
 
     def phase(text: str) -> None:  # the minutes before the first step should not look like a hang
         if main:
@@ -184,9 +220,14 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
 
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        config.save(run_dir / "config.yaml")
+        config.save(run_dir / CONFIG_FILE)
+        for removed in remove_stale_temporaries(checkpoints_dir):
+            print(f"removed {removed}: the temporary folder of a checkpoint write that was killed", flush=True)
 
     # --- models ---------------------------------------------------------------------------------------------------
+    if config.models.teacher == config.models.student:  # legal (a self-distillation check) but usually a typo
+        phase(f"warning: the teacher and the student are the same model ({config.models.teacher}): the student "
+              "starts as its teacher, so distillation has nothing to teach; set models.teacher or models.student")
     phase(f"loading teacher {config.models.teacher} and student {config.models.student}")
     teacher = load_model(config.models.teacher, "teacher", dtype=config.models.teacher_dtype)
     student = load_model(config.models.student, "student")
@@ -196,6 +237,9 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
 
     # --- data -----------------------------------------------------------------------------------------------------
     corpus = TrainingCorpus(config.data, student.tokenizer, teacher.tokenizer, teacher.vocab.pad_id)
+    _check_position_limits(config.data.window_tokens, {"teacher": teacher, "student": student})
+    corpus.check_training_window()
+    corpus.check_heldout_window()
     step_windows = windows_per_step(training, accelerator.num_processes)
     total_steps = corpus.optimizer_steps(training, step_windows)
 
@@ -224,7 +268,7 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
     run = Run(config, accelerator, precision, teacher, student, corpus, objective, optimizer, scheduler,
               TrainingState(), checkpoints_dir)
     if resume:
-        run.state = _resume(run, resume)
+        run.state = _resume(run, resumed)
     state = run.state
 
     # --- evaluation before training -------------------------------------------------------------------------------
@@ -242,28 +286,33 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
             _save(run)
 
     logbook = run.logbook = Logbook(run_dir, total_steps, config.output.tensorboard, enabled=main,
-                                    initial_step=state.step)
+                                    initial_step=state.step,
+                                    evaluated_steps={record["step"] for record in state.history} if resume else None)
     logbook.record("start", state.step, {"bpb": initial.bits_per_byte, "teacher_bpb": teacher_bpb,
                                          "command": shlex.join(sys.argv)})
     windows = corpus.train_windows(start=state.windows_consumed, process_index=accelerator.process_index,
                                    num_processes=accelerator.num_processes, batch_size=training.batch_size)
-    stopped_early = False
     tokens_since_log, time_since_log = 0, time.perf_counter()
     try:
         with _SignalGuard() as signals:
-            while state.step < total_steps:
+            if resume and state.step > 0:
+                # A checkpoint written after a step but before what the straight run did next at that step (its
+                # evaluation, its checkpoint: an emergency checkpoint during the final evaluation) must not skip it:
+                # the best student and early stopping depend on it.
+                _end_of_step(run, *_schedule_at(state.step - 1, total_steps, settings), total_steps,
+                             resumed=True)
+            while state.step < total_steps and not state.stopped_early:
                 if signals.stop_requested(accelerator):
                     raise TrainingStopped("received SIGTERM")
-                progress = state.step / total_steps
-                weights = loss_weights(progress, settings)
-                tau = temperature(progress, settings)
+                weights, tau = _schedule_at(state.step, total_steps, settings)
 
                 # Read the whole step first: normalisers count the selected positions of every micro-batch on every
                 # process.
-                micro_batches = [
-                    collate_windows(next(windows), teacher.vocab.pad_id).to(accelerator.device)
-                    for _ in range(training.gradient_accumulation_steps)
-                ]
+                with signals.reading_data():
+                    micro_batches = [
+                        collate_windows(next(windows), teacher.vocab.pad_id).to(accelerator.device)
+                        for _ in range(training.gradient_accumulation_steps)
+                    ]
                 selections = [objective.select(batch) for batch in micro_batches]
                 counts = step_counts(selections, accelerator)
 
@@ -358,26 +407,12 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
                         "resume from the checkpoint just written."
                     )
 
-                due_eval = training.eval_every and state.step % training.eval_every == 0
-                if due_eval or state.step == total_steps:
-                    stop = _evaluate(run, weights, tau)
-                    improved = state.best_step == state.step
-                    if main and (improved or (training.checkpoint_every and state.step % training.checkpoint_every == 0)
-                                 or state.step == total_steps):
-                        _save(run)
-                    if stop:
-                        stopped_early = True
-                        logbook.line(f"early stopping at step {state.step}: no improvement of "
-                                     f"{training.early_stopping.min_delta} BPB in "
-                                     f"{training.early_stopping.patience} evaluations")
-                        break
-                elif main and training.checkpoint_every and state.step % training.checkpoint_every == 0:
-                    _save(run)
+                _end_of_step(run, weights, tau, total_steps, resumed=False)
     except (Exception, KeyboardInterrupt) as error:
         if main:
             path = _save(run, emergency=True)
             print(f"\nstopped at step {state.step}: {error}\nemergency checkpoint: {path}\n"
-                  f"resume with: crosskd train {run_dir / 'config.yaml'} --resume", file=sys.stderr, flush=True)
+                  f"resume with: crosskd train {run_dir / CONFIG_FILE} --resume", file=sys.stderr, flush=True)
         logbook.close()
         raise
     logbook.close()
@@ -397,8 +432,20 @@ def train(config: Config, resume: str | None = None, debug: bool = False) -> Tra
         run_dir=run_dir, student_dir=student_dir, steps=state.step, initial_bpb=initial.bits_per_byte,
         final_bpb=final_bpb, best_bpb=state.best_bpb, best_step=state.best_step, teacher_bpb=teacher_bpb,
         nonfinite_skipped=state.nonfinite_skipped, overflow_skipped=state.overflow_skipped,
-        stopped_early=stopped_early,
+        stopped_early=state.stopped_early,
     )
+
+
+def _check_position_limits(window_tokens: int, models: dict[str, LoadedModel]) -> None:
+    """A window longer than a model's positions fails only at its first forward, or reads positions it never
+    learned; refuse it before the first step. (The teacher's tokens of a window are about as many as the student's.)"""
+    for role, loaded in models.items():
+        limit = getattr(loaded.model.config, "max_position_embeddings", None)
+        if limit is not None and window_tokens > limit:
+            raise ValueError(
+                f"data.window_tokens={window_tokens} exceeds the {role} {loaded.spec}'s position limit of "
+                f"{limit} tokens (max_position_embeddings); set data.window_tokens to at most {limit}"
+            )
 
 
 def _sum_over_processes(values: dict[str, float], accelerator) -> dict[str, float]:
@@ -418,10 +465,11 @@ def _evaluate(run: Run, weights: dict[str, float], tau: float) -> bool:
     retention = run.objective.evaluate_retention(
         run.corpus.eval_batches(config.training.batch_size, accelerator.device), weights, tau)
     record = {"bpb": result.bits_per_byte, "perplexity": result.perplexity, **retention}
-    state.history.append({"step": state.step, **record})
     run.logbook.record("eval", state.step, record)
     run.logbook.line(f"eval step {state.step}: held-out BPB {result.bits_per_byte:.4f} (ppl {result.perplexity:.3f}); "
                      + ", ".join(f"{k} {v:.4f}" for k, v in retention.items()))
+    # The state changes last and together: an interruption above leaves the evaluation undone, to be redone on resume.
+    state.history.append({"step": state.step, **record})
     stopping = config.training.early_stopping
     if result.bits_per_byte < state.best_bpb - stopping.min_delta or (
         result.bits_per_byte < state.best_bpb and not stopping.enabled
@@ -437,41 +485,110 @@ def _evaluate(run: Run, weights: dict[str, float], tau: float) -> bool:
     )
 
 
+def _schedule_at(step: int, total_steps: int, settings) -> tuple[dict[str, float], float]:
+    """The term weights and the temperature of optimizer step `step` (counted from 0)."""
+    progress = step / total_steps
+    return loss_weights(progress, settings), temperature(progress, settings)
+
+
+def _end_of_step(run: Run, weights: dict[str, float], tau: float, total_steps: int, resumed: bool) -> None:
+    """What follows optimizer step `run.state.step`: its evaluation when due, its checkpoint when due, early stopping.
+    `resumed`: redo only what a checkpoint written at this step lacks (the evaluation is in the history, a valid
+    checkpoint of the step exists), so a resumed run does exactly what the straight run did."""
+    state, training = run.state, run.config.training
+    final = state.step == total_steps
+    periodic_checkpoint = bool(training.checkpoint_every) and state.step % training.checkpoint_every == 0
+    due_eval = final or (bool(training.eval_every) and state.step % training.eval_every == 0)
+    evaluated = bool(state.history) and state.history[-1]["step"] == state.step
+    if due_eval and not evaluated:
+        state.stopped_early = _evaluate(run, weights, tau)
+        if state.stopped_early:
+            run.logbook.line(f"early stopping at step {state.step}: no improvement of "
+                             f"{training.early_stopping.min_delta} BPB in "
+                             f"{training.early_stopping.patience} evaluations")
+    improved = due_eval and state.best_step == state.step
+    due_checkpoint = periodic_checkpoint or improved or final or state.stopped_early
+    written = resumed and checkpoint_problem(run.checkpoints_dir / checkpoint_name(state.step)) is None
+    if run.accelerator.is_main_process and due_checkpoint and not written:
+        _save(run)
+
+
 def _save(run: Run, emergency: bool = False) -> Path:
     state, accelerator = run.state, run.accelerator
     unwrapped_student = accelerator.unwrap_model(run.student.model)
     unwrapped_objective = accelerator.unwrap_model(run.objective)
     folder = run.checkpoints_dir / (checkpoint_name(state.step) + ("-emergency" if emergency else ""))
     save_checkpoint(folder, state, _trainable_state(unwrapped_student, unwrapped_objective),
-                    run.optimizer.state_dict(), run.scheduler.state_dict(), run.precision.scaler_state())
+                    run.optimizer.state_dict(), run.scheduler.state_dict(), run.precision.scaler_state(),
+                    run.config.to_dict())
     if not emergency:
         best = run.checkpoints_dir / checkpoint_name(state.best_step) if state.best_step is not None else None
         prune_checkpoints(run.checkpoints_dir, run.config.training.keep_checkpoints, protect=best)
     return folder
 
 
-def _resume(run: Run, resume: str) -> TrainingState:
+def _claim_run_folder(run_dir: Path, config: Config, overwrite: bool) -> None:
+    """Refuse a run folder that holds another run (a checkpoint, a log, an exported student, or another config) unless
+    `overwrite`, which deletes it; a folder with only this run's own config.yaml (a start that died while loading) is
+    this run's."""
+    if not run_dir.is_dir():
+        return
+    config_file = run_dir / CONFIG_FILE
+    held = [name for name in ("checkpoints", LOG_FILE, "student") if (run_dir / name).exists()]
+    if config_file.is_file() and config_file.read_text() != config.to_yaml():
+        held.append(CONFIG_FILE)
+    if not held:
+        return
+    if overwrite:
+        print(f"--overwrite: deleting the earlier run in {run_dir}", flush=True)
+        shutil.rmtree(run_dir)
+        return
+    raise RunFolderError(
+        f"{run_dir} already holds a run ({', '.join(held)}). Resume it with `crosskd train {config_file} --resume`, "
+        f"put this run elsewhere with output.run_dir=NEW_FOLDER, or pass --overwrite to delete the earlier run"
+    )
+
+
+def _checkpoint_to_resume(config: Config, resume: str, checkpoints_dir: Path) -> LoadedCheckpoint:
+    """The verified checkpoint to resume: "latest" is the newest one that verifies (each newer one that does not is
+    reported with the reason); its config must be this run's, but for `RESUME_FREE_KEYS`."""
     if resume == "latest":
-        available = list_checkpoints(run.checkpoints_dir)
-        if not available:
-            raise FileNotFoundError(f"--resume: no checkpoint under {run.checkpoints_dir}; start without --resume")
-        folder = available[-1]
+        folder = _newest_valid_or_explain(checkpoints_dir)
     else:
         folder = Path(resume)
     loaded = load_checkpoint(folder)
+    differences = config_differences(loaded.config, config, ignore=RESUME_FREE_KEYS)
+    if differences:
+        raise CheckpointError(
+            f"{folder} belongs to a run configured differently: {'; '.join(differences)}. Resume it with the config "
+            f"it was written with ({folder.parent.parent / CONFIG_FILE}), or start this run in a new output.run_dir"
+        )
+    return loaded
+
+
+def _newest_valid_or_explain(checkpoints_dir: Path) -> Path:
+    folder, skipped = newest_valid_checkpoint(checkpoints_dir)
+    for reason in skipped:
+        print(f"--resume: skipped a checkpoint: {reason}", file=sys.stderr, flush=True)
+    if folder is None:
+        found = f"none verifies ({'; '.join(skipped)})" if skipped else "there is none"
+        raise CheckpointError(f"--resume: no checkpoint to resume under {checkpoints_dir}: {found}; "
+                              "start without --resume")
+    return folder
+
+
+def _resume(run: Run, loaded: LoadedCheckpoint) -> TrainingState:
     _load_trainable_state(run.student.model, run.objective, loaded.trainable)
     run.optimizer.load_state_dict(loaded.optimizer)
     run.scheduler.load_state_dict(loaded.scheduler)
     run.precision.load_scaler_state(loaded.scaler)
     restore_rng(loaded.rng)
-    print(f"resumed from {folder} at step {loaded.state.step}", flush=True)
+    print(f"resumed from {loaded.folder} at step {loaded.state.step}", flush=True)
     return loaded.state
 
 
 def export_student(checkpoint: Path, student, objective, out_dir: Path) -> None:
     """Write the student of `checkpoint` as a plain Hugging Face folder (model + tokenizer), atomically."""
-    import shutil
-
     loaded = load_checkpoint(checkpoint)
     model = student.model
     _load_trainable_state(model, objective, loaded.trainable)
