@@ -1,0 +1,50 @@
+"""The budget curve's harness (bench/budget_curve.py): its run overrides and the token multiplier's arithmetic.
+
+The curve itself comes from `python bench/budget_curve.py`; here only what turns runs into figures is checked.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import budget_curve  # noqa: E402  (bench/ is not a package)
+from crosskd.config import load_config  # noqa: E402
+
+LM_STEPS, LM_BPB = [60, 120, 240, 480], [0.73, 0.71, 0.70, 0.69]
+
+
+def test_a_bpb_on_the_lm_only_curve_is_reached_at_its_own_step():
+    assert budget_curve.lm_only_steps_for(0.71, LM_STEPS, LM_BPB) == (pytest.approx(120), False)
+
+
+def test_between_two_points_the_steps_are_interpolated_in_log_steps():
+    steps, extrapolated = budget_curve.lm_only_steps_for(0.705, LM_STEPS, LM_BPB)
+    assert not extrapolated and steps == pytest.approx(math.sqrt(120 * 240))
+
+
+def test_beyond_the_curve_the_last_slope_extrapolates_and_is_flagged():
+    steps, extrapolated = budget_curve.lm_only_steps_for(0.68, LM_STEPS, LM_BPB)
+    assert extrapolated and steps == pytest.approx(960)  # one more 0.01 drop per doubling
+
+
+def test_a_curve_that_stopped_improving_reaches_nothing_better():
+    assert budget_curve.lm_only_steps_for(0.60, [120, 240], [0.70, 0.70]) == (math.inf, True)
+
+
+@pytest.mark.parametrize("scenario", [budget_curve.STREAM, budget_curve.DATA_LIMITED])
+def test_every_default_method_forms_a_run_of_the_scenarios_length(scenario, tmp_path):
+    for method in budget_curve.DEFAULT_METHODS:
+        config = load_config(budget_curve.BASE_CONFIG, budget_curve.overrides(method, scenario))
+        assert config.training.max_steps == scenario.steps
+        assert config.training.eval_every == budget_curve.EVAL_EVERY
+        # The KD warm-up spans the protocol's 12 steps whatever the run's length.
+        assert config.schedule.kd_warmup_end_progress * scenario.steps == pytest.approx(12)
+        if config.teacher.source == "cache":  # the cache of this scenario's windows, not the protocol's
+            assert Path(config.teacher.cache_dir).parent == budget_curve.RUN_ROOT / scenario.name
