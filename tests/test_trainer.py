@@ -62,7 +62,8 @@ def test_loop_runs_with_finite_losses_whose_components_add_up(tmp_path, capsys):
     ("objective.strategy=projector", "objective.projector_residual=false"),
     ("objective.strategy=projector", "objective.projector_features=topk_embeddings"),
     ("objective.strategy=uld", "objective.divergence=null"),
-], ids=["projector-residual", "projector-plain", "projector-topk-embeddings", "uld"])
+    ("objective.strategy=student-projection",),
+], ids=["projector-residual", "projector-plain", "projector-topk-embeddings", "uld", "student-projection"])
 def test_every_strategy_trains_with_finite_components_that_add_up(tmp_path, capsys, overrides):
     config = tiny_config(tmp_path, "training.max_steps=3", *overrides)
     result = run_training(config, debug=True)

@@ -69,6 +69,7 @@ def test_a_transfer_defined_here_is_selected_by_the_config_and_trains_end_to_end
 @pytest.mark.parametrize(("overrides", "computed", "not_computed"), [
     ((), "topk", "final_hidden"),
     (("objective.strategy=uld", "objective.divergence=null"), "topk", "final_hidden"),
+    (("objective.strategy=student-projection",), "topk", "final_hidden"),
     (("objective.strategy=projector",), "final_hidden", "topk"),
     (("objective.strategy=projector", "objective.projector_features=topk_embeddings"), "topk", "final_hidden"),
 ])

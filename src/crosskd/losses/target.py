@@ -35,7 +35,8 @@ DEFAULT_TOP_K = 256
 class MappedTarget:
     """A teacher distribution on a support of student ids, plus a tail atom.
 
-    ids: int64 [P, K'] student ids; unique among the slots where ``mask`` is True.
+    ids: int64 [P, K'] student ids (teacher ids for `student-projection`, which compares in the teacher's
+    vocabulary); unique among the slots where ``mask`` is True.
     logp: float [P, K'] teacher log-probabilities (tau = 1) of those ids; ignored where ``mask`` is False.
     mask: bool [P, K'] which slots are real; False slots (padding after merging duplicates) are no atom.
     tail_logmass: float [P] log of the teacher mass outside the support; -inf if there is none.

@@ -41,10 +41,12 @@ _AFTER_EVERY_ID = torch.iinfo(torch.int64).max  # sorts unmapped entries after e
 # Hashes and the on-disk cache
 
 
-def first_token_map_key(student_tokenizer, teacher_tokenizer, teacher_valid_mask: torch.Tensor) -> str:
-    """Cache key: both tokenizers, which teacher logit ids are real tokens, and the mapping rules' version."""
+def first_token_map_key(student_tokenizer, teacher_tokenizer, teacher_valid_mask: torch.Tensor,
+                        rules: str = f"first-token-v{MAP_ALGORITHM_VERSION}") -> str:
+    """Cache key: both tokenizers, which teacher logit ids are real tokens, and `rules` (the table's kind and its
+    rules' version, plus whatever else its shape depends on)."""
     digest = hashlib.sha256()
-    digest.update(f"first-token-v{MAP_ALGORITHM_VERSION}\n".encode())
+    digest.update(f"{rules}\n".encode())
     digest.update(tokenizer_hash(student_tokenizer).encode())
     digest.update(tokenizer_hash(teacher_tokenizer).encode())
     digest.update(teacher_valid_mask.to(torch.uint8).numpy().tobytes())
@@ -55,7 +57,7 @@ def first_token_map_path(key: str, cache_dir: str | os.PathLike | None = None, k
     return resolve_cache_dir(cache_dir) / "vocab" / f"{kind}-{key[:32]}.npy"
 
 
-def _load_or_build_table(path: Path, build) -> np.ndarray:
+def load_or_build_table(path: Path, build) -> np.ndarray:
     if path.is_file():
         return np.load(path)
     table = build()
@@ -92,7 +94,7 @@ def load_or_build_first_token_map(
     `teacher_valid_mask` is `VocabFacts.valid_mask` of the teacher: bool [teacher logit size], False for padded ids.
     """
     key = first_token_map_key(student_tokenizer, teacher_tokenizer, teacher_valid_mask)
-    table = _load_or_build_table(
+    table = load_or_build_table(
         first_token_map_path(key, cache_dir),
         lambda: build_first_token_table(student_tokenizer, teacher_tokenizer, teacher_valid_mask.numpy()),
     )
@@ -106,7 +108,7 @@ def load_or_build_student_groups(student_tokenizer, teacher_tokenizer, student_l
     digest = hashlib.sha256(f"groups-v{MAP_ALGORITHM_VERSION}\n{student_logit_size}\n".encode())
     digest.update(tokenizer_hash(student_tokenizer).encode())
     digest.update(tokenizer_hash(teacher_tokenizer).encode())
-    roots = _load_or_build_table(
+    roots = load_or_build_table(
         first_token_map_path(digest.hexdigest(), cache_dir, kind="groups"),
         lambda: build_group_roots(student_tokenizer, teacher_tokenizer, student_logit_size),
     )
@@ -301,9 +303,14 @@ def push_topk_through_map(topk: TopKTarget, teacher_to_student: Tensor) -> Mappe
     # Empty slots take log(1) rather than log(0): they are masked anyway, and a -inf there would turn a zero gradient
     # into NaN (0 * inf) in the backward of log.
     merged_logp = merged_probs.masked_fill(~mask, 1.0).log()
-    unmapped_logmass = logsumexp_or_neginf(upcast(topk.logp).masked_fill(is_mapped, -math.inf))
-    tail_logmass = logsumexp_or_neginf(torch.stack([upcast(topk.tail_logmass), unmapped_logmass], dim=-1))
-    return MappedTarget(ids=ids, logp=merged_logp, mask=mask, tail_logmass=tail_logmass)
+    return MappedTarget(ids=ids, logp=merged_logp, mask=mask, tail_logmass=tail_logmass_with(topk, ~is_mapped))
+
+
+def tail_logmass_with(topk: TopKTarget, left_out: Tensor) -> Tensor:
+    """float32 [P]: the log of the top-k's tail mass plus the mass of its slots ``left_out`` (bool [P, K]), the
+    tail of a target whose support drops those slots."""
+    left_out_logmass = logsumexp_or_neginf(upcast(topk.logp).masked_fill(~left_out, -math.inf))
+    return logsumexp_or_neginf(torch.stack([upcast(topk.tail_logmass), left_out_logmass], dim=-1))
 
 
 def first_token_kd_pairs(pair_student_next_bytes: Tensor, pair_teacher_next_bytes: Tensor) -> Tensor:
@@ -350,6 +357,21 @@ class TokenMapOnDevice:
         if self.table.device != torch.device(device):
             self.table = self.table.to(device)
         return self.table
+
+
+class FirstTokenRetention:
+    """The retention target of a transfer whose KD target is not the first-token one (ULD, student-projection):
+    the teacher's top-k at the KD pairs pushed through the plain first-token map (no groups), so the retention
+    metrics compare every strategy with the teacher on the student's vocabulary the same way."""
+
+    def __init__(self, student, teacher):
+        token_map = load_or_build_first_token_map(student.tokenizer, teacher.tokenizer, teacher.vocab.valid_mask,
+                                                  student.vocab.logit_size)
+        self.teacher_to_student = TokenMapOnDevice(token_map.teacher_to_student)
+
+    def target(self, signal, selection) -> MappedTarget:
+        topk = signal.topk.select(selection.kd_pairs)
+        return push_topk_through_map(topk, self.teacher_to_student.on(topk.ids.device))
 
 
 @register_transfer

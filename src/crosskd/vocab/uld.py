@@ -24,7 +24,7 @@ from crosskd.losses.chunking import DEFAULT_CHUNK_ROWS
 from crosskd.losses.lm import KDLossSum, LossSums, fused_chunked_losses
 from crosskd.losses.target import MappedTarget, TopKTarget, student_atoms, target_atoms
 from crosskd.teacher.online import TeacherNeeds
-from crosskd.vocab.first_token import TokenMapOnDevice, load_or_build_first_token_map, push_topk_through_map
+from crosskd.vocab.first_token import FirstTokenRetention
 from crosskd.vocab.transfer import VocabularyTransfer, register_transfer
 
 
@@ -96,9 +96,7 @@ class UniversalLogitDistillation(VocabularyTransfer):
 
     def __init__(self, config, teacher, student):
         super().__init__(config, teacher, student)
-        token_map = load_or_build_first_token_map(student.tokenizer, teacher.tokenizer, teacher.vocab.valid_mask,
-                                                  student.vocab.logit_size)
-        self.teacher_to_student = TokenMapOnDevice(token_map.teacher_to_student)
+        self.retention = FirstTokenRetention(student, teacher)
 
     def kd_target(self, signal, selection, inputs, student_embedding) -> TopKTarget:
         return signal.topk.select(selection.kd_pairs)
@@ -107,5 +105,4 @@ class UniversalLogitDistillation(VocabularyTransfer):
         return uld_kd_loss(temperature)
 
     def retention_target(self, signal, selection, inputs, student_embedding) -> MappedTarget:
-        topk = signal.topk.select(selection.kd_pairs)
-        return push_topk_through_map(topk, self.teacher_to_student.on(topk.ids.device))
+        return self.retention.target(signal, selection)
