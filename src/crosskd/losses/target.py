@@ -135,6 +135,13 @@ def teacher_topk(
                                    for rows in row_chunks])
 
 
+def observed_token_logp(teacher_logits: Tensor, next_ids: Tensor, valid_mask: Tensor) -> Tensor:
+    """log p(next_ids) at tau = 1 under logits [P, V] (float32, [P]), padded ids masked out of the normaliser as
+    in `teacher_topk`: a gather and a logsumexp, no [P, V] log_softmax is written."""
+    masked = upcast(teacher_logits).masked_fill(~valid_mask.to(teacher_logits.device), -math.inf)
+    return masked.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1) - masked.logsumexp(-1)
+
+
 def temper_atoms(support_logp: Tensor, tail_logmass: Tensor, temperature: float) -> Tensor:
     """log_softmax([support_logp, tail_logmass] / temperature): [P, K] and [P] -> [P, K + 1]."""
     if not temperature > 0:
