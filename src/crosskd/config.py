@@ -78,7 +78,9 @@ class ObjectiveConfig:
     # first-token: where the student's next token runs past the teacher's, the mapped target gives the true token
     # almost no probability (~17 nats, docs/VOCAB.md): `exclude` leaves those pairs out of KD, `merge` pools such
     # student tokens with the token the teacher's maps to (one atom per event both tokenisers can express, every
-    # pair kept; the default, docs/VOCAB.md has the comparison), `keep` (ablations only) keeps them as they are. The
+    # pair kept; the default, docs/VOCAB.md has the comparison), `chain-rule` is merge plus the teacher's split of
+    # the group between the observed token and the rest by its chain probability of the observed text (forward KL
+    # only; reads the teacher's observed-token log-probabilities), `keep` (ablations only) keeps them as they are. The
     # other strategies have no such pairs and accept only the default.
     mismatch_policy: str = "merge"
     scale_by_t2: bool = True

@@ -208,10 +208,13 @@ class StudentGroups:
         """Each id's group root; negative ids (unmapped) pass through."""
         return torch.where(ids >= 0, self.root_table.to(ids.device)[ids.clamp_min(0)], ids)
 
-    def member_mass_at(self, logp: Tensor, support_ids: Tensor) -> Tensor:
+    def member_mass_at(self, logp: Tensor, support_ids: Tensor, excluded_ids: Tensor | None = None) -> Tensor:
         """The probability the members of each support id's group carry: [P, V] log-probabilities and [P, K] ids
-        -> [P, K] (0 where a support id has no members)."""
+        -> [P, K] (0 where a support id has no members). `excluded_ids` [P]: one id per position whose mass is left
+        out (the observed member of the chain-rule split)."""
         member_probs = logp[:, self.members].exp()
+        if excluded_ids is not None:
+            member_probs = member_probs.masked_fill(self.members == excluded_ids.unsqueeze(-1), 0.0)
         root_probs = member_probs.new_zeros(len(logp), self.spare_slot + 1).index_add_(1, self.member_slot,
                                                                                       member_probs)
         # Support ids that are no root read the spare last column, which stays 0.
@@ -220,6 +223,14 @@ class StudentGroups:
     def extend_indicator(self, indicator: Tensor) -> Tensor:
         """bool [P, V] support indicator -> the same with every member of a support id's group set too."""
         return indicator.index_copy(1, self.members, indicator[:, self.roots])
+
+
+def pooled_with_members(root_logp: Tensor, member_mass: Tensor) -> Tensor:
+    """log(p_root + member mass): a group's pooled log-probability from its root's and its members' probability."""
+    # Only where there is member mass: log(0) would put 0 * inf = NaN into the backward of logaddexp.
+    has_members = member_mass > 0
+    pooled = torch.logaddexp(root_logp, member_mass.clamp_min(torch.finfo(root_logp.dtype).tiny).log())
+    return torch.where(has_members, pooled, root_logp)
 
 
 def support_atoms(student_logits: Tensor, target: MappedTarget, temperature: float,
@@ -244,11 +255,7 @@ def student_atoms(student_logits: Tensor, support_ids: Tensor, support_mask: Ten
     support_logp = logp.gather(-1, support_ids)
     on_support = _support_indicator(support_ids, support_mask, logp.shape[-1])
     if groups is not None:
-        member_mass = groups.member_mass_at(logp, support_ids)
-        # Only where there is member mass: log(0) would put 0 * inf = NaN into the backward of logaddexp.
-        has_members = member_mass > 0
-        pooled = torch.logaddexp(support_logp, member_mass.clamp_min(torch.finfo(logp.dtype).tiny).log())
-        support_logp = torch.where(has_members, pooled, support_logp)
+        support_logp = pooled_with_members(support_logp, groups.member_mass_at(logp, support_ids))
         on_support = groups.extend_indicator(on_support)
     support_logp = support_logp.masked_fill(~support_mask, -math.inf)
     off_support = logp.masked_fill(on_support, -math.inf)
