@@ -84,6 +84,12 @@ class ObjectiveConfig:
     # other strategies have no such pairs and accept only the default.
     mismatch_policy: str = "merge"
     scale_by_t2: bool = True
+    # chunk-likelihood (docs/VOCAB.md): the term on the log-likelihoods of the text chunks between shared token
+    # boundaries, `bce` (tokenkit's binary cross-entropy of the likelihoods at 1/τ, as a KL: 0 where they agree) or
+    # `squared` (their squared difference); τ = 100 is tokenkit's `bce_temp`; the term's constant weight (no warm-up).
+    chunk_likelihood_loss: str = "bce"
+    chunk_likelihood_temperature: float = 100.0
+    chunk_likelihood_weight: float = 1.0
     chunk_size: int = 256  # positions per float32 logit chunk
     projector_prefit_steps: int = 200
     # The projector adds a teacher-driven correction to the student's own (detached) final state, starting at zero,

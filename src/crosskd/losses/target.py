@@ -103,6 +103,17 @@ def logsumexp_or_neginf(x: Tensor) -> Tensor:
     return x.masked_fill(empty_rows, 0.0).logsumexp(-1).masked_fill(empty_rows.squeeze(-1), -math.inf)
 
 
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - e^x) for x <= 0, accurate at both ends (-inf at x = 0).
+
+    Each branch reads its input clamped to the side where it is used: torch.where's backward multiplies the unused
+    branch's gradient by 0, and an infinite gradient there (log1p(-e^x) at x = 0) would make that NaN.
+    """
+    near_zero = x > -math.log(2)
+    return torch.where(near_zero, torch.log(-torch.expm1(x.clamp_min(-math.log(2)))),
+                       torch.log1p(-torch.exp(x.clamp_max(-math.log(2)))))
+
+
 def _topk_of_chunk(logits: Tensor, k: int, invalid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     # The top-k of the logits is the top-k of the log-probabilities, so no [P, V] log_softmax is written: only the
     # normaliser (a reduction) is subtracted from the k kept values.

@@ -1,4 +1,4 @@
 """Teacher -> student vocabulary transfers. Importing the package registers the built-in ones (crosskd.vocab.transfer
 has the interface and the registry)."""
 
-from crosskd.vocab import first_token, projector, uld  # noqa: F401  (each registers its transfer)
+from crosskd.vocab import chunk_likelihood, first_token, projector, uld  # noqa: F401  (each registers its transfer)

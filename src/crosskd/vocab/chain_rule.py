@@ -17,7 +17,6 @@ log_softmax([log ρ, log(1 - ρ)] / τ) (and the student's likewise), weighted b
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +27,7 @@ from crosskd.data.collate import DualBatch
 from crosskd.losses.chunking import upcast
 from crosskd.losses.divergences import forward_kl
 from crosskd.losses.lm import divergence_loss_sum
-from crosskd.losses.target import MappedTarget, StudentGroups, pooled_with_members, target_atoms
+from crosskd.losses.target import MappedTarget, StudentGroups, log1mexp, pooled_with_members, target_atoms
 
 CHAIN_RULE = "chain-rule"
 
@@ -107,11 +106,6 @@ def chain_rule_target(merged: MappedTarget, chains: ObservedChains, root_table: 
     return ChainRuleTarget(merged, splits, group_slot, chains.observed_id, share)
 
 
-def _log_one_minus_exp(x: Tensor) -> Tensor:
-    """log(1 - e^x) for x <= 0, accurate at both ends (-inf at x = 0)."""
-    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-
-
 def split_kl(student_logp: Tensor, target: ChainRuleTarget, temperature: float, groups: StudentGroups) -> Tensor:
     """[n]: q_G,τ · KL(teacher split ‖ student split) at positions that all split, from the student's float32
     log-probabilities [n, V]. The student's split is [p_s, p_G - p_s] with the rest summed directly (the root and
@@ -122,7 +116,7 @@ def split_kl(student_logp: Tensor, target: ChainRuleTarget, temperature: float, 
                                groups.member_mass_at(student_logp, root, target.observed_id)).squeeze(-1)
     student_split = torch.stack([observed, rest], dim=-1).div(temperature).log_softmax(-1)
     share = upcast(target.observed_share_logp)
-    teacher_split = torch.stack([share, _log_one_minus_exp(share)], dim=-1).div(temperature).log_softmax(-1)
+    teacher_split = torch.stack([share, log1mexp(share)], dim=-1).div(temperature).log_softmax(-1)
     group_atom = target_atoms(target.merged, temperature).gather(-1, target.group_slot.unsqueeze(-1)).squeeze(-1)
     return group_atom.exp() * forward_kl(student_split, teacher_split)
 
