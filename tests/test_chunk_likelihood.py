@@ -37,7 +37,8 @@ def hand_built_batch(loss_mask: torch.Tensor | None = None) -> DualBatch:
         student_attention_mask=torch.ones_like(student), teacher_input_ids=teacher,
         teacher_attention_mask=torch.ones_like(teacher), pair_batch=torch.tensor([0, 0, 0, 1]),
         pair_student_pos=torch.tensor([0, 2, 3, 1]), pair_teacher_pos=torch.tensor([0, 1, 3, 2]),
-        pair_student_next_bytes=torch.ones(4, dtype=torch.long), pair_teacher_next_bytes=torch.ones(4, dtype=torch.long),
+        pair_student_next_bytes=torch.ones(4, dtype=torch.long),
+        pair_teacher_next_bytes=torch.ones(4, dtype=torch.long),
         text_bytes=torch.tensor([5, 5]), student_loss_mask=loss_mask,
     )
 
