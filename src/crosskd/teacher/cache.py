@@ -43,8 +43,8 @@ from crosskd.teacher.cache_format import (
     read_index,
     rows_per_window,
     run_fingerprint,
-    tokens_per_window,
     run_layout,
+    tokens_per_window,
     window_keys,
     write_index,
 )
@@ -52,6 +52,7 @@ from crosskd.teacher.online import OnlineTeacher, TeacherNeeds, TeacherSignal
 
 DEFAULT_SHARD_MEGABYTES = 64
 WINDOW_BYTES = KEY_BYTES + 8  # a window's key and its row offset
+WINDOW_TOKEN_OFFSET_BYTES = 8  # a window's offset in its shard's per-token rows, when the layout has any
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -214,8 +215,9 @@ def write_teacher_cache(config: Config, needs: TeacherNeeds, with_preparation: b
         return planned_batches(config, corpus, teacher.vocab.pad_id, budget, with_preparation)
 
     survey = _survey(plan())
+    window_bytes = WINDOW_BYTES + (WINDOW_TOKEN_OFFSET_BYTES if layout.token_parts else 0)
     estimate = (survey["positions"] * layout.bytes_per_row + survey["teacher_tokens"] * layout.bytes_per_token
-                + survey["unique_windows"] * (WINDOW_BYTES + (8 if layout.token_parts else 0)))
+                + survey["unique_windows"] * window_bytes)
     shard_micro_batches = max(1, int(shard_megabytes * 2**20 * survey["micro_batches"] / max(1, estimate)))
     index = {"format": FORMAT_VERSION, "fingerprint": fingerprint, "layout": layout.to_dict(),
              "budget": budget.to_dict(), "plan": {**survey, "shard_micro_batches": shard_micro_batches},
