@@ -67,7 +67,8 @@ KD_BALANCES = ("fixed", "gradient-norm")
 
 @dataclass
 class ObjectiveConfig:
-    # A registered vocabulary transfer (crosskd.vocab.transfer.TRANSFERS): first-token, projector, uld.
+    # A registered vocabulary transfer (crosskd.vocab.transfer.TRANSFERS): first-token, chunk-likelihood, projector,
+    # uld.
     strategy: str = "first-token"
     # A divergence of crosskd.losses.divergences.DIVERGENCES (null: forward_kl); uld is a distance and takes none.
     divergence: str | None = None
