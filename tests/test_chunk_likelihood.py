@@ -19,6 +19,7 @@ from crosskd.losses.likelihood import (
     squared_likelihood_difference,
 )
 from crosskd.losses.lm import fused_chunked_losses
+from crosskd.losses.selection import step_counts
 from crosskd.teacher.cache import TeacherCacheError
 from crosskd.teacher.online import OnlineTeacher
 from crosskd.vocab.transfer import transfer_class
@@ -157,6 +158,47 @@ def test_the_student_likelihoods_are_those_of_its_full_logits_whatever_the_row_c
     expected = (student - chunks.teacher(signal.observed_logprobs)).square().sum()
     torch.testing.assert_close(terms["chunk_likelihood"].value, expected, rtol=1e-5, atol=1e-4)
     assert terms["chunk_likelihood"].count_key == "chunks" and int(selection.counts()["chunks"]) == chunks.count > 0
+
+
+def test_the_chunk_term_is_normalised_by_the_chunk_count_of_the_whole_step(tmp_path):
+    # Two micro-batches of one window give the same step value as one micro-batch of both (gradient accumulation).
+    objective, batch = objective_and_first_batch(tiny_config(tmp_path, STRATEGY), batch_size=2)
+    halves = [DualBatch(**{**vars(batch), **window}) for window in split_windows(batch)]
+    weights = {"kd": 1.0, "attention": 0.0}
+
+    def step_value(batches):
+        selections = [objective.select(micro_batch) for micro_batch in batches]
+        counts = step_counts(selections)
+        value = 0.0
+        for micro_batch, selection in zip(batches, selections):
+            signal = objective.teacher_signal(micro_batch, weights)
+            outputs = objective.student_model(**objective.student_inputs(micro_batch, weights))
+            terms = objective(micro_batch, selection, outputs.hidden_states, None, signal, weights, 1.0)
+            value += objective.combine({"chunk_likelihood": terms["chunk_likelihood"]}, counts, weights,
+                                       len(batches), 1).weighted["chunk_likelihood"]
+        return value, int(counts["chunks"])
+
+    (whole, whole_count), (accumulated, accumulated_count) = step_value([batch]), step_value(halves)
+    assert whole_count == accumulated_count > 0
+    assert math.isclose(whole, accumulated, rel_tol=1e-5)
+
+
+def split_windows(batch: DualBatch) -> list[dict]:
+    """The fields of each window of `batch` as a batch of its own (its teacher row cut to its real tokens)."""
+    windows = []
+    for row in range(len(batch.student_input_ids)):
+        pairs = batch.pair_batch == row
+        width = int(batch.teacher_attention_mask[row].sum())
+        windows.append({
+            **{name: getattr(batch, name)[row:row + 1] for name in
+               ("student_input_ids", "student_targets", "student_attention_mask", "text_bytes")},
+            "teacher_input_ids": batch.teacher_input_ids[row:row + 1, :width],
+            "teacher_attention_mask": batch.teacher_attention_mask[row:row + 1, :width],
+            "pair_batch": torch.zeros(int(pairs.sum()), dtype=torch.long),
+            **{name: getattr(batch, name)[pairs] for name in
+               ("pair_student_pos", "pair_teacher_pos", "pair_student_next_bytes", "pair_teacher_next_bytes")},
+        })
+    return windows
 
 
 def test_identical_teacher_and_student_give_zero_loss(tmp_path):
