@@ -18,9 +18,9 @@ from crosskd.losses.target import TopKTarget
 from crosskd.models.loading import load_model
 from crosskd.api import cache_teacher
 from crosskd.data.corpus import TrainingCorpus
-from crosskd.teacher.cache import TeacherCacheError, open_teacher_cache, planned_batches
+from crosskd.teacher.cache import TeacherCacheError, open_teacher_cache, planned_batches, write_teacher_cache
 from crosskd.teacher.cache_format import FP16_ABSOLUTE_ROUNDING, FP16_RELATIVE_ROUNDING, CacheLayout, read_index
-from crosskd.teacher.online import OnlineTeacher, TeacherNeeds, TeacherSignal
+from crosskd.teacher.online import OnlineTeacher, TeacherNeeds, TeacherSignal, observed_token_mask
 from crosskd.vocab.transfer import transfer_class
 from trainer_helpers import log_records, run_training, tiny_config, write_corpus, write_single_window_corpus
 
@@ -101,6 +101,13 @@ def test_reference_teacher_at_k_256_needs_1090_bytes_per_aligned_position():
     assert CacheLayout("final_hidden", 256, 151_936, 896).bytes_per_row == 1792
 
 
+def test_observed_logprobs_take_4_bytes_per_teacher_token_and_no_pair_bytes():
+    layout = CacheLayout("topk+observed_logprobs", 256, 151_936, 896)
+    assert layout.pair_parts == ("topk",) and layout.token_parts == ("observed_logprobs",)
+    assert (layout.bytes_per_row, layout.bytes_per_token) == (1090, 4)
+    assert CacheLayout("topk", 256, 151_936, 896).bytes_per_token == 0
+
+
 def test_bf16_rounding_would_fail_the_fp16_bound():
     # The bound the cache is tested against is tight enough to tell fp16 from bf16 (which loses up to ~6%).
     logp = -torch.linspace(0.01, 20, 1000)
@@ -125,6 +132,42 @@ def test_stored_signal_is_the_online_signal_within_fp16_rounding(written, tiny_p
     assert stages == {"training", "evaluation"}
     assert summary.positions == sum(shard["positions"] for shard in read_index(summary.cache_dir)["shards"])
     assert summary.bytes_per_position < CacheLayout("topk", 32, teacher.vocab.logit_size, 96).bytes_per_row + 1
+
+
+WITH_OBSERVED = TeacherNeeds(topk=True, observed_logprobs=True)
+
+
+def test_observed_logprobs_are_stored_per_teacher_token_and_served_as_online(corpus, tiny_pair, tmp_path):
+    teacher, student = tiny_pair
+    config = cached_run_config(tmp_path, corpus, tmp_path / "cache", "training.max_steps=1")
+    summary = write_teacher_cache(config, WITH_OBSERVED, with_preparation=False, progress=False)
+    index = read_index(summary.cache_dir)
+    assert index["layout"]["signal"] == index["fingerprint"]["signal"] == "topk+observed_logprobs"
+    cached = open_teacher_cache(config, WITH_OBSERVED, teacher, student.tokenizer)
+    online = OnlineTeacher(teacher.model, teacher.vocab.valid_mask, config.objective.kd_top_k,
+                           config.objective.chunk_size, WITH_OBSERVED)
+    corpus_ = TrainingCorpus(config.data, student.tokenizer, teacher.tokenizer, teacher.vocab.pad_id)
+    budget = cache_module.Budget(1, 1, config.training.batch_size, config.training.batch_size)
+    teacher_tokens = 0
+    for _, batch in planned_batches(config, corpus_, teacher.vocab.pad_id, budget, with_preparation=False):
+        exact, stored = online.signal(batch), cached.signal(batch)
+        has_next = observed_token_mask(batch.teacher_attention_mask)
+        assert stored.observed_logprobs.shape == batch.teacher_input_ids.shape
+        torch.testing.assert_close(stored.observed_logprobs[has_next], exact.observed_logprobs[has_next])
+        assert torch.isfinite(stored.observed_logprobs).all()
+        assert torch.equal(stored.topk.ids, exact.topk.ids)
+        teacher_tokens += int(batch.teacher_attention_mask.sum())
+    # 4 bytes per teacher token on top of the top-k rows (the windows here are all distinct).
+    layout = CacheLayout(**index["layout"])
+    assert summary.bytes > summary.positions * layout.bytes_per_row + 4 * teacher_tokens
+
+
+def test_a_cache_without_observed_logprobs_is_refused_naming_the_missing_part(written, tiny_pair):
+    config, _ = written
+    teacher, student = tiny_pair
+    with pytest.raises(TeacherCacheError, match="signal differs .*the cache lacks observed_logprobs") as error:
+        open_teacher_cache(config, WITH_OBSERVED, teacher, student.tokenizer)
+    assert "crosskd cache-teacher" in str(error.value)
 
 
 def test_a_window_the_cache_does_not_hold_is_an_error(written, tiny_pair):

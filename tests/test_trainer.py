@@ -63,12 +63,15 @@ def test_loop_runs_with_finite_losses_whose_components_add_up(tmp_path, capsys):
     ("objective.strategy=projector", "objective.projector_features=topk_embeddings"),
     ("objective.strategy=uld", "objective.divergence=null"),
     ("objective.strategy=student-projection",),
-], ids=["projector-residual", "projector-plain", "projector-topk-embeddings", "uld", "student-projection"])
+    ("objective.strategy=chunk-likelihood",),
+], ids=["projector-residual", "projector-plain", "projector-topk-embeddings", "uld", "student-projection",
+        "chunk-likelihood"])
 def test_every_strategy_trains_with_finite_components_that_add_up(tmp_path, capsys, overrides):
     config = tiny_config(tmp_path, "training.max_steps=3", *overrides)
     result = run_training(config, debug=True)
     projector = config.objective.strategy == "projector"
-    expected = {"loss/lm", "loss/kd", "loss/anchor"} if projector else {"loss/lm", "loss/kd"}
+    extra_terms = {"projector": {"loss/anchor"}, "chunk-likelihood": {"loss/chunk_likelihood"}}
+    expected = {"loss/lm", "loss/kd", *extra_terms.get(config.objective.strategy, ())}
     for record in log_records(config.output.run_dir):
         components = {k: v for k, v in record.items() if k.startswith("loss/")}
         assert set(components) == expected

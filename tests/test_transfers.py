@@ -72,6 +72,8 @@ def test_a_transfer_defined_here_is_selected_by_the_config_and_trains_end_to_end
     (("objective.strategy=student-projection",), "topk", "final_hidden"),
     (("objective.strategy=projector",), "final_hidden", "topk"),
     (("objective.strategy=projector", "objective.projector_features=topk_embeddings"), "topk", "final_hidden"),
+    (("objective.strategy=chunk-likelihood", "objective.kd_alpha=0"), "observed_logprobs", "topk"),
+    (("objective.mismatch_policy=chain-rule",), "observed_logprobs", "final_hidden"),
 ])
 def test_the_online_teacher_computes_only_what_the_transfer_declares(tmp_path, overrides, computed, not_computed):
     objective, batch = objective_and_first_batch(tiny_config(tmp_path, *overrides))

@@ -67,8 +67,8 @@ KD_BALANCES = ("fixed", "gradient-norm")
 
 @dataclass
 class ObjectiveConfig:
-    # A registered vocabulary transfer (crosskd.vocab.transfer.TRANSFERS): first-token, projector, uld,
-    # student-projection.
+    # A registered vocabulary transfer (crosskd.vocab.transfer.TRANSFERS): first-token, chunk-likelihood, projector,
+    # uld, student-projection.
     strategy: str = "first-token"
     # A divergence of crosskd.losses.divergences.DIVERGENCES (null: forward_kl); uld is a distance and takes none.
     divergence: str | None = None
@@ -79,10 +79,18 @@ class ObjectiveConfig:
     # first-token: where the student's next token runs past the teacher's, the mapped target gives the true token
     # almost no probability (~17 nats, docs/VOCAB.md): `exclude` leaves those pairs out of KD, `merge` pools such
     # student tokens with the token the teacher's maps to (one atom per event both tokenisers can express, every
-    # pair kept; the default, docs/VOCAB.md has the comparison), `keep` (ablations only) keeps them as they are. The
+    # pair kept; the default, docs/VOCAB.md has the comparison), `chain-rule` is merge plus the teacher's split of
+    # the group between the observed token and the rest by its chain probability of the observed text (forward KL
+    # only; reads the teacher's observed-token log-probabilities), `keep` (ablations only) keeps them as they are. The
     # other strategies have no such pairs and accept only the default.
     mismatch_policy: str = "merge"
     scale_by_t2: bool = True
+    # chunk-likelihood (docs/VOCAB.md): the term on the log-likelihoods of the text chunks between shared token
+    # boundaries, `bce` (tokenkit's binary cross-entropy of the likelihoods at 1/τ, as a KL: 0 where they agree) or
+    # `squared` (their squared difference); τ = 100 is tokenkit's `bce_temp`; the term's constant weight (no warm-up).
+    chunk_likelihood_loss: str = "bce"
+    chunk_likelihood_temperature: float = 100.0
+    chunk_likelihood_weight: float = 1.0
     chunk_size: int = 256  # positions per float32 logit chunk
     projector_prefit_steps: int = 200
     # The projector adds a teacher-driven correction to the student's own (detached) final state, starting at zero,

@@ -34,6 +34,8 @@ class LossSums(NamedTuple):
     lm_count: int
     kd_sum: Tensor
     kd_count: int
+    # float32 [N]: each row's log-probability of its LM target (0 where the row has none), when asked for.
+    lm_token_logp: Tensor | None = None
 
 
 def divergence_loss_sum(
@@ -58,16 +60,22 @@ def _chunk_sums(
     kd_count: int,
     kd_target: Any,
     kd_loss_sum: KDLossSum | None,
-) -> tuple[Tensor, Tensor, int]:
-    """Both sums of one chunk whose first ``kd_count`` rows are the KD rows (a slice, so no gather of [p, V])."""
+    keep_token_logp: bool = False,
+) -> tuple[Tensor, Tensor, int, Tensor | None]:
+    """Both sums of one chunk whose first ``kd_count`` rows are the KD rows (a slice, so no gather of [p, V]), and
+    with ``keep_token_logp`` each row's log-probability of its LM target."""
     # One log_softmax serves both terms (cross-entropy is log_softmax + nll_loss).
     logp = F.linear(upcast(hidden), upcast(head_weight)).log_softmax(-1)
     # reduction="sum" over a chunk whose targets are all ignored is 0, where "mean" would be 0/0.
     lm_sum = F.nll_loss(logp, lm_targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    token_logp = None
+    if keep_token_logp:
+        has_target = lm_targets != IGNORE_INDEX
+        token_logp = logp.gather(-1, lm_targets.clamp_min(0).unsqueeze(-1)).squeeze(-1).masked_fill(~has_target, 0.0)
     if kd_count == 0:
-        return lm_sum, _empty_sum(hidden), 0
+        return lm_sum, _empty_sum(hidden), 0, token_logp
     kd_sum, kd_count = kd_loss_sum(logp[:kd_count], kd_target)
-    return lm_sum, kd_sum, kd_count
+    return lm_sum, kd_sum, kd_count, token_logp
 
 
 def fused_chunked_losses(
@@ -78,8 +86,11 @@ def fused_chunked_losses(
     kd_target: Any,
     kd_loss_sum: KDLossSum | None,
     chunk_size: int = DEFAULT_CHUNK_ROWS,
+    keep_token_logp: bool = False,
 ) -> LossSums:
     """LM cross-entropy on rows with a target, and ``kd_loss_sum`` on ``kd_rows``, one chunk of logits at a time.
+    ``keep_token_logp``: also return each row's log-probability of its LM target from the same chunks (a term that
+    reads the student's likelihood of its observed tokens, crosskd.losses.likelihood), no second pass.
 
     hidden [N, H] and head_weight [V, H] give the logits; lm_targets [N] (IGNORE_INDEX = not counted);
     kd_rows [P] distinct row indices into N whose targets are ``kd_target`` positions 0..P-1 (anything with
@@ -98,11 +109,12 @@ def fused_chunked_losses(
     rows = torch.cat([kd_rows, lm_rows[~is_kd_row[lm_rows]]])
     lm_sum = kd_sum = _empty_sum(hidden)
     kd_count = 0
+    token_logp_parts = []
     for chunk in chunk_slices(len(rows), chunk_size):
         kd_here = slice(min(chunk.start, len(kd_rows)), min(chunk.stop, len(kd_rows)))
         kd_rows_here = kd_here.stop - kd_here.start
         chunk_rows = rows[chunk]
-        chunk_lm, chunk_kd, chunk_kd_count = checkpoint(
+        chunk_lm, chunk_kd, chunk_kd_count, chunk_token_logp = checkpoint(
             _chunk_sums,
             hidden[chunk_rows],
             head_weight,
@@ -110,12 +122,18 @@ def fused_chunked_losses(
             kd_rows_here,
             kd_target.select(kd_here) if kd_rows_here else None,
             kd_loss_sum,
+            keep_token_logp,
             use_reentrant=False,
         )
         lm_sum = lm_sum + chunk_lm
         kd_sum = kd_sum + chunk_kd
         kd_count += chunk_kd_count
-    return LossSums(lm_sum, len(lm_rows), kd_sum, kd_count)
+        token_logp_parts.append(chunk_token_logp)
+    token_logp = None
+    if keep_token_logp:
+        token_logp = upcast(hidden.new_zeros(len(lm_targets))).scatter(0, rows, torch.cat(
+            token_logp_parts or [upcast(hidden.new_zeros(0))]))
+    return LossSums(lm_sum, len(lm_rows), kd_sum, kd_count, token_logp)
 
 
 def student_forward_kwargs(batch, attentions: bool = False) -> dict:

@@ -104,6 +104,17 @@ def logsumexp_or_neginf(x: Tensor) -> Tensor:
     return x.masked_fill(empty_rows, 0.0).logsumexp(-1).masked_fill(empty_rows.squeeze(-1), -math.inf)
 
 
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - e^x) for x <= 0, accurate at both ends (-inf at x = 0).
+
+    Each branch reads its input clamped to the side where it is used: torch.where's backward multiplies the unused
+    branch's gradient by 0, and an infinite gradient there (log1p(-e^x) at x = 0) would make that NaN.
+    """
+    near_zero = x > -math.log(2)
+    return torch.where(near_zero, torch.log(-torch.expm1(x.clamp_min(-math.log(2)))),
+                       torch.log1p(-torch.exp(x.clamp_max(-math.log(2)))))
+
+
 def _topk_of_chunk(logits: Tensor, k: int, invalid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     # The top-k of the logits is the top-k of the log-probabilities, so no [P, V] log_softmax is written: only the
     # normaliser (a reduction) is subtracted from the k kept values.
@@ -134,6 +145,13 @@ def teacher_topk(
     row_chunks = list(chunk_slices(len(teacher_logits), chunk_size)) or [slice(0, 0)]
     return TopKTarget.concatenate([TopKTarget(*_topk_of_chunk(teacher_logits[rows], k, invalid))
                                    for rows in row_chunks])
+
+
+def observed_token_logp(teacher_logits: Tensor, next_ids: Tensor, valid_mask: Tensor) -> Tensor:
+    """log p(next_ids) at tau = 1 under logits [P, V] (float32, [P]), padded ids masked out of the normaliser as
+    in `teacher_topk`: a gather and a logsumexp, no [P, V] log_softmax is written."""
+    masked = upcast(teacher_logits).masked_fill(~valid_mask.to(teacher_logits.device), -math.inf)
+    return masked.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1) - masked.logsumexp(-1)
 
 
 def temper_atoms(support_logp: Tensor, tail_logmass: Tensor, temperature: float) -> Tensor:
@@ -202,10 +220,13 @@ class StudentGroups:
         """Each id's group root; negative ids (unmapped) pass through."""
         return torch.where(ids >= 0, self.root_table.to(ids.device)[ids.clamp_min(0)], ids)
 
-    def member_mass_at(self, logp: Tensor, support_ids: Tensor) -> Tensor:
+    def member_mass_at(self, logp: Tensor, support_ids: Tensor, excluded_ids: Tensor | None = None) -> Tensor:
         """The probability the members of each support id's group carry: [P, V] log-probabilities and [P, K] ids
-        -> [P, K] (0 where a support id has no members)."""
+        -> [P, K] (0 where a support id has no members). `excluded_ids` [P]: one id per position whose mass is left
+        out (the observed member of the chain-rule split)."""
         member_probs = logp[:, self.members].exp()
+        if excluded_ids is not None:
+            member_probs = member_probs.masked_fill(self.members == excluded_ids.unsqueeze(-1), 0.0)
         root_probs = member_probs.new_zeros(len(logp), self.spare_slot + 1).index_add_(1, self.member_slot,
                                                                                       member_probs)
         # Support ids that are no root read the spare last column, which stays 0.
@@ -214,6 +235,14 @@ class StudentGroups:
     def extend_indicator(self, indicator: Tensor) -> Tensor:
         """bool [P, V] support indicator -> the same with every member of a support id's group set too."""
         return indicator.index_copy(1, self.members, indicator[:, self.roots])
+
+
+def pooled_with_members(root_logp: Tensor, member_mass: Tensor) -> Tensor:
+    """log(p_root + member mass): a group's pooled log-probability from its root's and its members' probability."""
+    # Only where there is member mass: log(0) would put 0 * inf = NaN into the backward of logaddexp.
+    has_members = member_mass > 0
+    pooled = torch.logaddexp(root_logp, member_mass.clamp_min(torch.finfo(root_logp.dtype).tiny).log())
+    return torch.where(has_members, pooled, root_logp)
 
 
 def support_atoms(student_logits: Tensor, target: MappedTarget, temperature: float,
@@ -238,11 +267,7 @@ def student_atoms(student_logits: Tensor, support_ids: Tensor, support_mask: Ten
     support_logp = logp.gather(-1, support_ids)
     on_support = _support_indicator(support_ids, support_mask, logp.shape[-1])
     if groups is not None:
-        member_mass = groups.member_mass_at(logp, support_ids)
-        # Only where there is member mass: log(0) would put 0 * inf = NaN into the backward of logaddexp.
-        has_members = member_mass > 0
-        pooled = torch.logaddexp(support_logp, member_mass.clamp_min(torch.finfo(logp.dtype).tiny).log())
-        support_logp = torch.where(has_members, pooled, support_logp)
+        support_logp = pooled_with_members(support_logp, groups.member_mass_at(logp, support_ids))
         on_support = groups.extend_indicator(on_support)
     support_logp = support_logp.masked_fill(~support_mask, -math.inf)
     off_support = logp.masked_fill(on_support, -math.inf)

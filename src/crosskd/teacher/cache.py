@@ -44,6 +44,7 @@ from crosskd.teacher.cache_format import (
     rows_per_window,
     run_fingerprint,
     run_layout,
+    tokens_per_window,
     window_keys,
     write_index,
 )
@@ -51,6 +52,7 @@ from crosskd.teacher.online import OnlineTeacher, TeacherNeeds, TeacherSignal
 
 DEFAULT_SHARD_MEGABYTES = 64
 WINDOW_BYTES = KEY_BYTES + 8  # a window's key and its row offset
+WINDOW_TOKEN_OFFSET_BYTES = 8  # a window's offset in its shard's per-token rows, when the layout has any
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -123,11 +125,13 @@ def _survey(batches: Iterator[tuple[str, DualBatch]]) -> dict:
     """Counts of the plan and the hash of its window keys, from one pass over the windows (no teacher)."""
     digest = hashlib.sha256()
     seen: set[bytes] = set()
-    survey = {"micro_batches": 0, "windows": 0, "unique_windows": 0, "positions": 0, "student_tokens": 0}
+    survey = {"micro_batches": 0, "windows": 0, "unique_windows": 0, "positions": 0, "student_tokens": 0,
+              "teacher_tokens": 0}
     for _, batch in batches:
         survey["micro_batches"] += 1
-        for key, rows, tokens in zip(window_keys(batch), rows_per_window(batch),
-                                     batch.student_attention_mask.sum(dim=1).tolist()):
+        for key, rows, tokens, teacher_tokens in zip(window_keys(batch), rows_per_window(batch),
+                                                     batch.student_attention_mask.sum(dim=1).tolist(),
+                                                     tokens_per_window(batch)):
             digest.update(key)
             survey["windows"] += 1
             if key not in seen:
@@ -135,6 +139,7 @@ def _survey(batches: Iterator[tuple[str, DualBatch]]) -> dict:
                 survey["unique_windows"] += 1
                 survey["positions"] += rows
                 survey["student_tokens"] += tokens
+                survey["teacher_tokens"] += teacher_tokens
     return {**survey, "window_ids": digest.hexdigest()}
 
 
@@ -146,29 +151,34 @@ class _ShardWriter:
         self.index = index
         self.keys: list[bytes] = []
         self.rows: list[dict[str, torch.Tensor]] = []
+        self.counts: list[tuple[int, int]] = []  # (aligned pairs, teacher tokens) of each window
         self.start = index["shards"][-1]["micro_batches"][1] if index["shards"] else 0
 
-    def add(self, key: bytes, rows: dict[str, torch.Tensor]) -> None:
+    def add(self, key: bytes, rows: dict[str, torch.Tensor], pairs: int, tokens: int) -> None:
         self.keys.append(key)
         self.rows.append(rows)
+        self.counts.append((pairs, tokens))
 
     def flush(self, end: int, layout: CacheLayout) -> None:
         number = len(self.index["shards"])
         name = f"shard-{number:05d}.safetensors"
-        counts = [len(next(iter(rows.values()))) for rows in self.rows]
+        counts = [pairs for pairs, _ in self.counts]
         empty = layout.encode_empty()
         tensors = {row_name: torch.cat([empty[row_name], *(rows[row_name] for rows in self.rows)])
                    for row_name in empty}
         keys = torch.tensor(list(b"".join(self.keys)), dtype=torch.uint8)
         tensors["window_keys"] = keys.reshape(len(self.keys), KEY_BYTES)  # no rows when every window was cached before
         tensors["window_offsets"] = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)
+        if layout.token_parts:
+            tensors["window_token_offsets"] = torch.tensor([0, *(tokens for _, tokens in self.counts)],
+                                                           dtype=torch.int64).cumsum(0)
         partial = self.cache_dir / f".{name}.{os.getpid()}.tmp"
         save_file(tensors, str(partial))
         os.replace(partial, self.cache_dir / name)
         self.index["shards"].append(shard_entry(self.cache_dir / name, micro_batches=[self.start, end],
                                                 windows=len(self.keys), positions=sum(counts)))
         write_index(self.cache_dir, self.index)
-        self.keys, self.rows, self.start = [], [], end
+        self.keys, self.rows, self.counts, self.start = [], [], [], end
 
 
 def _cached_keys(cache_dir: Path, index: dict) -> set[bytes]:
@@ -205,7 +215,9 @@ def write_teacher_cache(config: Config, needs: TeacherNeeds, with_preparation: b
         return planned_batches(config, corpus, teacher.vocab.pad_id, budget, with_preparation)
 
     survey = _survey(plan())
-    estimate = survey["positions"] * layout.bytes_per_row + survey["unique_windows"] * WINDOW_BYTES
+    window_bytes = WINDOW_BYTES + (WINDOW_TOKEN_OFFSET_BYTES if layout.token_parts else 0)
+    estimate = (survey["positions"] * layout.bytes_per_row + survey["teacher_tokens"] * layout.bytes_per_token
+                + survey["unique_windows"] * window_bytes)
     shard_micro_batches = max(1, int(shard_megabytes * 2**20 * survey["micro_batches"] / max(1, estimate)))
     index = {"format": FORMAT_VERSION, "fingerprint": fingerprint, "layout": layout.to_dict(),
              "budget": budget.to_dict(), "plan": {**survey, "shard_micro_batches": shard_micro_batches},
@@ -253,13 +265,15 @@ def write_teacher_cache(config: Config, needs: TeacherNeeds, with_preparation: b
                 # Training micro-batches run under the trainer's autocast, preparation and evaluation outside it.
                 with precision.autocast() if stage == "training" else contextlib.nullcontext():
                     signal = source.signal(batch.to(accelerator.device))
-                rows = layout.encode(signal)
-                window_rows = [dict(zip(rows, parts)) for parts in
-                               zip(*(tensor.split(rows_per_window(batch)) for tensor in rows.values()))]
-                for key, window in zip(keys, window_rows):
+                pair_counts, token_counts = rows_per_window(batch), tokens_per_window(batch)
+                rows = {**{name: tensor.split(pair_counts) for name, tensor in layout.encode(signal).items()},
+                        **{name: tensor.split(token_counts)
+                           for name, tensor in layout.encode_tokens(signal, token_counts).items()}}
+                for window, key in enumerate(keys):
                     if key not in seen:
                         seen.add(key)
-                        writer.add(key, window)
+                        writer.add(key, {name: parts[window] for name, parts in rows.items()},
+                                   pair_counts[window], token_counts[window])
             bar.update(1)
             if number + 1 - writer.start == shard_micro_batches or number + 1 == survey["micro_batches"]:
                 writer.flush(number + 1, layout)
@@ -305,12 +319,17 @@ class CachedTeacher:
         self.paths = [cache_dir / shard["file"] for shard in index["shards"]]
         # safe_open maps each shard into memory; rows are read from the map when a window is asked for.
         self.shards = [safe_open(path, framework="pt") for path in self.paths]
-        self.locations: dict[bytes, tuple[int, int, int]] = {}
+        # key -> (shard, its pair rows, its per-token rows)
+        self.locations: dict[bytes, tuple[int, slice, slice]] = {}
         for number, shard in enumerate(self.shards):
             offsets = shard.get_tensor("window_offsets").tolist()
+            token_offsets = (shard.get_tensor("window_token_offsets").tolist() if self.layout.token_parts
+                             else [0] * len(offsets))
             for window, key in enumerate(shard.get_tensor("window_keys").numpy()):
-                self.locations[bytes(key)] = (number, offsets[window], offsets[window + 1])
-        self.row_names = list(self.layout.encode_empty())
+                self.locations[bytes(key)] = (number, slice(offsets[window], offsets[window + 1]),
+                                              slice(token_offsets[window], token_offsets[window + 1]))
+        self.token_row_names = list(self.layout.token_parts)  # each per-token part is one stored tensor
+        self.pair_row_names = [name for name in self.layout.encode_empty() if name not in self.token_row_names]
         self._prefetched: set[int] = set()
 
     def signal(self, batch: DualBatch, hidden_states: bool = False, attentions: bool = False) -> TeacherSignal:
@@ -320,8 +339,11 @@ class CachedTeacher:
                 "contrastive or attention term asked for; run those with teacher.source=online"
             )
         windows = [self._window_rows(key) for key in window_keys(batch)]
-        rows = {name: torch.cat([window[name] for window in windows]) for name in self.row_names}
-        return self.layout.decode(rows, batch.pair_batch.device)
+        rows = {name: torch.cat([window[name] for window in windows]) for name in self.pair_row_names}
+        signal = self.layout.decode(rows, batch.pair_batch.device)
+        signal.observed_logprobs = self.layout.decode_tokens(windows, batch.teacher_input_ids.shape[1],
+                                                             batch.pair_batch.device)
+        return signal
 
     def _window_rows(self, key: bytes) -> dict[str, torch.Tensor]:
         location = self.locations.get(key)
@@ -331,10 +353,11 @@ class CachedTeacher:
                 "was not written for (a longer run, a projector run on a cache written without its preparation "
                 "windows, or changed windowing code). Re-run `crosskd cache-teacher` with this run's config"
             )
-        shard, start, stop = location
+        shard, pair_rows, token_rows = location
         self._prefetch(shard + 1)
         handle = self.shards[shard]
-        return {name: handle.get_slice(name)[start:stop] for name in self.row_names}
+        return {**{name: handle.get_slice(name)[pair_rows] for name in self.pair_row_names},
+                **{name: handle.get_slice(name)[token_rows] for name in self.token_row_names}}
 
     def _prefetch(self, shard: int) -> None:
         """Ask the kernel to read the next shard ahead (windows are read in the order they were written)."""

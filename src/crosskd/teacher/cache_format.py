@@ -10,6 +10,9 @@ has the reasons and the sizes):
 - `topk`: the teacher's top-k ids, exact (low 16 bits as uint16, the bits above packed into uint8), their τ=1
   log-probabilities (fp16) and the log tail mass (fp16): `TopKTarget` of docs/OBJECTIVE.md;
 - `final_hidden`: the teacher's final hidden state (fp16).
+Stored per teacher token (each window's real teacher tokens, `window_token_offsets`), when the transfer reads it:
+- `observed_logprobs`: the teacher's τ=1 log-probability of its own next token (float32; the last token's entry is
+  the placeholder the online teacher gives it).
 """
 
 from __future__ import annotations
@@ -79,6 +82,15 @@ def window_keys(batch: DualBatch) -> list[bytes]:
 # The stored rows
 
 
+#: Parts stored per teacher token rather than per aligned pair, with their bytes per token.
+TOKEN_PART_BYTES = {"observed_logprobs": 4}
+
+
+def tokens_per_window(batch: DualBatch) -> list[int]:
+    """How many real teacher tokens each window of the batch has (the rows of its per-token parts)."""
+    return batch.teacher_attention_mask.sum(dim=1).tolist()
+
+
 @dataclass(frozen=True)
 class CacheLayout:
     signal: str  # the stored parts of the signal (`TeacherNeeds.parts`) joined by "+", e.g. "topk"
@@ -89,6 +101,14 @@ class CacheLayout:
     @property
     def parts(self) -> tuple[str, ...]:
         return tuple(self.signal.split("+"))
+
+    @property
+    def pair_parts(self) -> tuple[str, ...]:
+        return tuple(part for part in self.parts if part not in TOKEN_PART_BYTES)
+
+    @property
+    def token_parts(self) -> tuple[str, ...]:
+        return tuple(part for part in self.parts if part in TOKEN_PART_BYTES)
 
     @property
     def id_high_bits(self) -> int:
@@ -107,14 +127,18 @@ class CacheLayout:
     def bytes_per_row(self) -> int:
         sizes = {"final_hidden": 2 * self.hidden_size,
                  "topk": 2 * self.top_k + self.high_bytes_per_row + 2 * self.top_k + 2}  # ids, high bits, logp, tail
-        return sum(sizes[part] for part in self.parts)
+        return sum(sizes[part] for part in self.pair_parts)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return sum(TOKEN_PART_BYTES[part] for part in self.token_parts)
 
     def to_dict(self) -> dict:
         return {"signal": self.signal, "top_k": self.top_k, "teacher_logit_size": self.teacher_logit_size,
                 "hidden_size": self.hidden_size}
 
     def encode(self, signal: TeacherSignal) -> dict[str, Tensor]:
-        """The rows to store for `signal` (all its aligned pairs), on the CPU."""
+        """The per-pair rows to store for `signal` (all its aligned pairs), on the CPU."""
         rows: dict[str, Tensor] = {}
         if "final_hidden" in self.parts:
             hidden = signal.final_hidden.detach().float().cpu()
@@ -131,13 +155,34 @@ class CacheLayout:
             rows["tail_logmass"] = topk.tail_logmass.detach().cpu().half()
         return rows
 
+    def encode_tokens(self, signal: TeacherSignal, token_counts: list[int]) -> dict[str, Tensor]:
+        """The per-token rows to store for `signal`: each window's first `token_counts[w]` (its real tokens),
+        concatenated, on the CPU."""
+        if "observed_logprobs" not in self.token_parts:
+            return {}
+        observed = signal.observed_logprobs.detach().float().cpu()
+        return {"observed_logprobs": torch.cat([observed[w, :count] for w, count in enumerate(token_counts)]
+                                               or [observed.new_zeros(0)])}
+
     def encode_empty(self) -> dict[str, Tensor]:
         """Zero rows of every stored tensor: their names, dtypes and row shapes."""
         no_rows = TopKTarget(torch.zeros(0, self.top_k, dtype=torch.int64), torch.zeros(0, self.top_k), torch.zeros(0))
-        return self.encode(TeacherSignal(topk=no_rows, final_hidden=torch.zeros(0, self.hidden_size)))
+        return {**self.encode(TeacherSignal(topk=no_rows, final_hidden=torch.zeros(0, self.hidden_size))),
+                **self.encode_tokens(TeacherSignal(observed_logprobs=torch.zeros(0, 0)), [])}
+
+    def decode_tokens(self, windows: list[dict[str, Tensor]], width: int, device) -> Tensor | None:
+        """The observed-token log-probabilities [windows, width] of the windows' stored per-token rows, right-padded
+        with the online teacher's placeholder (0.0); None when they are not stored."""
+        if "observed_logprobs" not in self.token_parts:
+            return None
+        observed = torch.zeros(len(windows), width)
+        for row, window in enumerate(windows):
+            stored = window["observed_logprobs"]
+            observed[row, : len(stored)] = stored
+        return observed.to(device)
 
     def decode(self, rows: dict[str, Tensor], device) -> TeacherSignal:
-        """The `TeacherSignal` of stored rows; the parts that are not stored come back None."""
+        """The `TeacherSignal` of stored per-pair rows; the parts that are not stored come back None."""
         signal = TeacherSignal()
         if "final_hidden" in self.parts:
             signal.final_hidden = rows["final_hidden"].to(device).float()
@@ -230,8 +275,14 @@ def fingerprint_difference(cached: dict, expected: dict) -> str | None:
     for field, cause in FINGERPRINT_FIELDS.items():
         if cached.get(field) != expected.get(field):
             return (f"{field} differs (cache: {_short(cached.get(field))}, this run: {_short(expected.get(field))}; "
-                    f"set by {cause})")
+                    f"set by {cause}){_missing_parts(cached, expected) if field == 'signal' else ''}")
     return None
+
+
+def _missing_parts(cached: dict, expected: dict) -> str:
+    held = set(str(cached.get("signal")).split("+"))
+    missing = [part for part in str(expected.get("signal")).split("+") if part not in held]
+    return f": the cache lacks {' and '.join(missing)}, which this run reads" if missing else ""
 
 
 def _short(value) -> str:

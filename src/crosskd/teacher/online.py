@@ -2,7 +2,8 @@
 needs (`TeacherNeeds`).
 
 The teacher's logits are never materialised for the whole batch: its final hidden states are gathered at the aligned
-positions and pushed through its output layer a chunk at a time, keeping only the top-k at τ=1 (losses/target.py).
+positions and pushed through its output layer a chunk at a time, keeping only the top-k at τ=1 (losses/target.py),
+and, when a transfer reads them, the log-probability of the teacher's own next token at every teacher position.
 A cached teacher (teacher/cache.py) serves the same `TeacherSignal`.
 """
 
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor
 
 from crosskd.losses.chunking import chunk_slices
-from crosskd.losses.target import TopKTarget, teacher_topk
+from crosskd.losses.target import TopKTarget, observed_token_logp, teacher_topk
 from crosskd.models.moe import expert_usage_entropy, is_moe_config
 
 
@@ -25,6 +26,9 @@ class TeacherNeeds:
 
     topk: bool = False
     final_hidden: bool = False
+    # At every teacher position, not only at the pairs (declared after the pair parts: a cache's `signal` names its
+    # parts in this order, so caches of the older parts keep their name).
+    observed_logprobs: bool = False
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -37,11 +41,21 @@ class TeacherSignal:
     # The teacher's top-k at τ=1 and tail mass, at the aligned pairs, in the teacher's vocabulary.
     topk: TopKTarget | None = None
     final_hidden: Tensor | None = None  # [P, H_t] its last hidden state (after its final norm) at the aligned pairs
+    # float32 [B, M]: at each teacher position m, log p_teacher(teacher_input_ids[:, m + 1] | tokens ..m) at τ=1 with
+    # padded ids masked; 0.0 (a finite placeholder) where m + 1 is no real token: read it under `observed_token_mask`.
+    observed_logprobs: Tensor | None = None
     hidden_states: tuple[Tensor, ...] | None = None  # every layer [B, M, H_t], when a feature term needs them
     attentions: tuple[Tensor, ...] | None = None  # [B, heads, M, M] per layer, when attention alignment is on
     # An MoE teacher's per-layer expert-usage entropy over the batch's real tokens, in [0, 1] (1: experts used evenly);
     # a collapsed router shows as values near 0 (crosskd.models.moe).
     expert_usage_entropy: Tensor | None = None
+
+
+def observed_token_mask(teacher_attention_mask: Tensor) -> Tensor:
+    """bool [B, M]: the teacher positions whose next token is a real token (where `observed_logprobs` is defined)."""
+    has_next = torch.zeros_like(teacher_attention_mask, dtype=torch.bool)
+    has_next[:, :-1] = teacher_attention_mask[:, 1:].bool()
+    return has_next
 
 
 class OnlineTeacher:
@@ -63,8 +77,13 @@ class OnlineTeacher:
             **({"output_router_logits": True} if self.moe_top_k else {}),
         )
         final = outputs.last_hidden_state[batch.pair_batch, batch.pair_teacher_pos]
+        if self.needs.observed_logprobs:
+            topk, observed = self._observed_and_topk(outputs.last_hidden_state, batch, final)
+        else:
+            topk, observed = self._topk(final) if self.needs.topk else None, None
         return TeacherSignal(
-            topk=self._topk(final) if self.needs.topk else None,
+            topk=topk,
+            observed_logprobs=observed,
             final_hidden=final if self.needs.final_hidden else None,
             hidden_states=outputs.hidden_states if hidden_states else None,
             attentions=outputs.attentions if attentions else None,
@@ -78,3 +97,30 @@ class OnlineTeacher:
         valid_mask = self.valid_mask.to(final.device)
         return TopKTarget.concatenate([teacher_topk(head(final[rows]).float(), self.top_k, valid_mask, self.chunk_size)
                                        for rows in chunk_slices(final.shape[0], self.chunk_size)])
+
+    def _observed_and_topk(self, hidden: Tensor, batch, final: Tensor) -> tuple[TopKTarget | None, Tensor]:
+        """The observed-token log-probabilities [B, M] and, when needed, the top-k at the pairs, from one pass over
+        the teacher positions that have a next token: each chunk's logits serve both, the top-k taking the chunk's
+        pair rows (pairs are in flat position order, so they are a contiguous run of them)."""
+        head = self.model.get_output_embeddings()
+        valid_mask = self.valid_mask.to(hidden.device)
+        width = hidden.shape[1]
+        flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+        rows = observed_token_mask(batch.teacher_attention_mask).reshape(-1).nonzero().squeeze(-1)
+        next_ids = batch.teacher_input_ids.reshape(-1)[rows + 1]  # m + 1 stays in its row wherever m has a next token
+        pair_rows = batch.pair_batch * width + batch.pair_teacher_pos
+        observed = torch.zeros(hidden.shape[:2], dtype=torch.float32, device=hidden.device)
+        flat_observed = observed.view(-1)
+        topk_parts = []
+        for chunk in chunk_slices(len(rows), self.chunk_size):
+            chunk_rows = rows[chunk]
+            logits = head(flat_hidden[chunk_rows]).float()
+            flat_observed[chunk_rows] = observed_token_logp(logits, next_ids[chunk], valid_mask)
+            if self.needs.topk:
+                first = int(torch.searchsorted(pair_rows, chunk_rows[0], side="left"))
+                stop = int(torch.searchsorted(pair_rows, chunk_rows[-1], side="right"))
+                in_chunk = torch.searchsorted(chunk_rows, pair_rows[first:stop])
+                topk_parts.append(teacher_topk(logits[in_chunk], self.top_k, valid_mask, self.chunk_size))
+        if not self.needs.topk:
+            return None, observed
+        return (TopKTarget.concatenate(topk_parts) if topk_parts else self._topk(final)), observed

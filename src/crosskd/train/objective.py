@@ -195,7 +195,7 @@ class DistillationObjective(nn.Module):
     # --- one micro-batch ----------------------------------------------------------------------------------------------
     def select(self, batch: DualBatch) -> PositionSelection:
         """The positions every term of `batch` trains on (and the step's counts are made of)."""
-        return select_positions(batch, self.transfer.kd_pairs(batch))
+        return select_positions(batch, self.transfer.kd_pairs(batch), self.transfer.reads_likelihood_chunks)
 
     @property
     def lm_only(self) -> bool:
@@ -237,7 +237,8 @@ class DistillationObjective(nn.Module):
         target = transfer.kd_target(signal, selection, inputs, head_weight)
         # One chunk loop for both terms: the KD rows first, in pair order, then the rows only LM uses.
         sums = fused_chunked_losses(flat_hidden, head_weight, selection.lm_targets, selection.kd_rows, target,
-                                    transfer.kd_loss_sum(temperature, flat_hidden.device), self.chunk_size)
+                                    transfer.kd_loss_sum(temperature, flat_hidden.device), self.chunk_size,
+                                    keep_token_logp=transfer.reads_likelihood_chunks)
         kd_sum = transfer.scaled_kd_sum(sums.kd_sum, temperature)
         terms = {
             "lm": Term(sums.lm_sum, PER_TOKEN, count_key="lm", scale=self.lm_alpha),
@@ -245,6 +246,7 @@ class DistillationObjective(nn.Module):
                        scale=self._kd_balance(sums.lm_sum, kd_sum, selection, hidden, weights)),
         }
         terms.update(transfer.extra_terms(inputs, selection, head_weight))
+        terms.update(transfer.likelihood_terms(signal, selection, sums.lm_token_logp))
         if self.uses_hidden_states:
             terms.update(self._feature_terms(student_hidden_states, student_attentions, signal, selection, weights))
         return terms
@@ -337,13 +339,16 @@ class DistillationObjective(nn.Module):
                                  temperature)
             for name, value in self.combine(terms, counts, weights, len(batches), 1).weighted.items():
                 component_sums[f"eval_{name}"] = component_sums.get(f"eval_{name}", 0.0) + value
-            stats = self._retention_stats(batch, selection, signal)
-            agree += stats[0]
-            kl += stats[1]
-            positions += stats[2]
+            if len(selection.kd_rows):
+                stats = self._retention_stats(batch, selection, signal)
+                agree += stats[0]
+                kl += stats[1]
+                positions += stats[2]
+        if not positions > 0:  # no token-level target (chunk-likelihood alone): nothing to agree on
+            return component_sums
         result = {
-            "top1_agreement": (agree / positions.clamp_min(1)).item(),
-            "kl_teacher_student": (kl / positions.clamp_min(1)).item(),
+            "top1_agreement": (agree / positions).item(),
+            "kl_teacher_student": (kl / positions).item(),
         }
         return {**result, **component_sums}
 

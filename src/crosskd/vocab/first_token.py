@@ -11,6 +11,7 @@ and what `mismatch_policy` does there.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -22,15 +23,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from crosskd.config import ConfigError
 from crosskd.data.encoding import gpt2_unicode_to_byte, token_bytes_table
 from crosskd.losses.chunking import upcast
 from crosskd.losses.target import MappedTarget, StudentGroups, TopKTarget, logsumexp_or_neginf
 from crosskd.models.cache import resolve_cache_dir
 from crosskd.models.fingerprints import tokenizer_hash
 from crosskd.teacher.online import TeacherNeeds
+from crosskd.vocab.chain_rule import CHAIN_RULE, chain_rule_loss_sum, chain_rule_target, observed_chains
 from crosskd.vocab.transfer import DivergenceTransfer, register_transfer
 
-MISMATCH_POLICIES = ("exclude", "keep", "merge")
+MISMATCH_POLICIES = (CHAIN_RULE, "exclude", "keep", "merge")
+GROUPING_POLICIES = ("merge", CHAIN_RULE)  # the policies that pool run-past student tokens into groups
 UNMAPPED = -1  # teacher ids that stand for no text (special, padded): they never carry mass onto the student
 # Bump when the mapping rules change, so maps cached by an older rule are rebuilt rather than silently reused.
 MAP_ALGORITHM_VERSION = 1
@@ -330,11 +334,11 @@ def first_token_kd_pairs(pair_student_next_bytes: Tensor, pair_teacher_next_byte
 def policy_map(policy: str, student_tokenizer, teacher_tokenizer, teacher_valid_mask: Tensor,
                student_logit_size: int) -> tuple[Tensor, StudentGroups | None]:
     """The teacher -> student map `mismatch_policy` distils through, and the student groups whose atoms it pools:
-    with `merge`, student tokens that run past the teacher's token share one atom with it (docs/VOCAB.md), so the map
-    points at group roots."""
+    with `merge` (and `chain-rule`, built on it), student tokens that run past the teacher's token share one atom
+    with it (docs/VOCAB.md), so the map points at group roots."""
     teacher_to_student = load_or_build_first_token_map(student_tokenizer, teacher_tokenizer, teacher_valid_mask,
                                                        student_logit_size).teacher_to_student
-    if policy != "merge":
+    if policy not in GROUPING_POLICIES:
         return teacher_to_student, None
     groups = load_or_build_student_groups(student_tokenizer, teacher_tokenizer, student_logit_size)
     return groups.root_of(teacher_to_student), groups
@@ -380,15 +384,27 @@ class FirstTokenTransfer(DivergenceTransfer):
 
     `objective.mismatch_policy`: where the student's next token runs past the teacher's, `merge` pools such student
     tokens with the token the teacher's maps to (the map then points at group roots and the student's atoms pool
-    their groups), `exclude` leaves those pairs out of KD (`first_token_kd_pairs`), `keep` keeps them as they are.
+    their groups), `chain-rule` also splits the group's teacher mass between the observed token and the rest by the
+    teacher's chain probability of the observed text (crosskd.vocab.chain_rule), `exclude` leaves those pairs out of
+    KD (`first_token_kd_pairs`), `keep` keeps them as they are.
     """
 
     name = "first-token"
     exclusive_options = {"mismatch_policy": MISMATCH_POLICIES}
 
     @classmethod
+    def check_config(cls, objective) -> None:
+        super().check_config(objective)
+        divergence = objective.divergence or "forward_kl"
+        if objective.mismatch_policy == CHAIN_RULE and divergence != "forward_kl":
+            raise ConfigError(f"objective.mismatch_policy chain-rule splits the forward KL exactly into a group level "
+                              f"and a within-group term; objective.divergence {divergence!r} has no such split. Set "
+                              "objective.divergence: forward_kl, or use mismatch_policy merge")
+
+    @classmethod
     def teacher_needs(cls, objective) -> TeacherNeeds:
-        return TeacherNeeds(topk=True)
+        # Chain-rule alone reads the teacher's observed-token log-probabilities: the other policies' caches stay topk.
+        return TeacherNeeds(topk=True, observed_logprobs=objective.mismatch_policy == CHAIN_RULE)
 
     def __init__(self, config, teacher, student):
         super().__init__(config, teacher, student)
@@ -400,9 +416,28 @@ class FirstTokenTransfer(DivergenceTransfer):
     def kd_pairs(self, batch) -> Tensor:
         return policy_kd_pairs(self.policy, batch.pair_student_next_bytes, batch.pair_teacher_next_bytes)
 
-    def kd_target(self, signal, selection, inputs, student_embedding) -> MappedTarget:
+    def micro_batch_inputs(self, signal, batch, selection, student_hidden):
+        """With chain-rule, the observed chains at the KD pairs (None otherwise)."""
+        if self.policy != CHAIN_RULE:
+            return None
+        groups = self.student_groups(batch.student_input_ids.device)
+        return observed_chains(batch, signal.observed_logprobs, groups.root_table).select(selection.kd_pairs)
+
+    def kd_target(self, signal, selection, inputs, student_embedding):
         topk = signal.topk.select(selection.kd_pairs)
-        return push_topk_through_map(topk, self.teacher_to_student.on(topk.ids.device))
+        merged = push_topk_through_map(topk, self.teacher_to_student.on(topk.ids.device))
+        if inputs is None:
+            return merged
+        return chain_rule_target(merged, inputs, self.student_groups(topk.ids.device).root_table)
+
+    def kd_loss_sum(self, temperature: float, device):
+        if self.policy != CHAIN_RULE:
+            return super().kd_loss_sum(temperature, device)
+        return functools.partial(chain_rule_loss_sum, temperature=temperature, groups=self.student_groups(device))
+
+    def retention_target(self, signal, selection, inputs, student_embedding) -> MappedTarget:
+        """The merged target (chain-rule's group level): what the retention metrics compare on the support."""
+        return self.kd_target(signal, selection, None, student_embedding)
 
     def student_groups(self, device) -> StudentGroups | None:
         if self.groups is not None and self.groups.members.device != torch.device(device):

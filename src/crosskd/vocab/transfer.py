@@ -51,8 +51,12 @@ class VocabularyTransfer(ABC):
     #: Objective options only this transfer reads, with their valid values (checked whatever the strategy); with
     #: another strategy, a value other than the default is refused.
     exclusive_options: ClassVar[dict[str, tuple[str, ...]]] = {}
-    #: Terms the transfer adds besides KD (`extra_terms`): they need the teacher even while the KD weight is 0.
+    #: Terms the transfer adds besides KD (`extra_terms`, `likelihood_terms`): they need the teacher even while the
+    #: KD weight is 0.
     extra_term_names: ClassVar[tuple[str, ...]] = ()
+    #: Whether `likelihood_terms` reads the selection's likelihood chunks and the student's log-probabilities of its
+    #: observed tokens (the objective's fused LM + KD chunk loop then keeps them).
+    reads_likelihood_chunks: ClassVar[bool] = False
 
     # --- declarations, from the config alone (config validation, the teacher cache) --------------------------------
     @classmethod
@@ -121,9 +125,16 @@ class VocabularyTransfer(ABC):
     def extra_terms(self, inputs: Any, selection: PositionSelection, student_embedding: Tensor) -> dict[str, Term]:
         return {}
 
+    def likelihood_terms(self, signal: TeacherSignal, selection: PositionSelection,
+                         student_token_logp: Tensor | None) -> dict[str, Term]:
+        """Terms on the selection's likelihood chunks (`reads_likelihood_chunks`), from the student's flat [B * N]
+        log-probabilities of its observed next tokens (None when the transfer does not read them)."""
+        return {}
+
     def retention_target(self, signal: TeacherSignal, selection: PositionSelection, inputs: Any,
-                         student_embedding: Tensor) -> MappedTarget:
-        """The teacher's distribution on the student's vocabulary at the KD pairs, for the retention metrics."""
+                         student_embedding: Tensor) -> MappedTarget | None:
+        """The teacher's distribution on the student's vocabulary at the KD pairs, for the retention metrics (None:
+        the transfer has no token-level target; the metrics are then not reported)."""
         return self.kd_target(signal, selection, inputs, student_embedding)
 
     def student_groups(self, device) -> StudentGroups | None:
@@ -182,9 +193,13 @@ def check_objective(config: Config) -> None:
     for transfer in TRANSFERS.values():
         for option in transfer.exclusive_options:
             value = getattr(objective, option)
-            if transfer is not selected and value != getattr(defaults, option):
-                raise ConfigError(f"objective.{option} {value!r} applies only to the {transfer.name} strategy; remove "
-                                  f"objective.{option} or set objective.strategy: {transfer.name}")
+            if option not in selected.exclusive_options and value != getattr(defaults, option):
+                # A transfer built on another (chunk-likelihood on first-token) shares its options.
+                sharing = [other.name for other in TRANSFERS.values()
+                           if other is not transfer and option in other.exclusive_options]
+                also = f" (and to {', '.join(sharing)}, which shares it)" if sharing else ""
+                raise ConfigError(f"objective.{option} {value!r} applies only to the {transfer.name} strategy{also}; "
+                                  f"remove objective.{option} or set objective.strategy: {transfer.name}")
 
 
 register_config_check(check_objective)
