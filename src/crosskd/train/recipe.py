@@ -31,7 +31,7 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_
 from crosskd.config import Config, config_differences
 from crosskd.data.collate import collate_windows
 from crosskd.data.corpus import TrainingCorpus, windows_per_step
-from crosskd.evaluate import bits_per_byte
+from crosskd.evaluate import BPBResult, bits_per_byte, responses_bits_per_byte
 from crosskd.losses.selection import step_counts
 from crosskd.models.loading import LoadedModel, load_model
 from crosskd.models.precision import MixedPrecision
@@ -273,11 +273,12 @@ def train(config: Config, resume: str | None = None, debug: bool = False, overwr
 
     # --- evaluation before training -------------------------------------------------------------------------------
     run.eval_text = corpus.eval_text()
-    phase(f"measuring held-out bits per byte of teacher and student ({len(run.eval_text):,} characters)")
+    phase("measuring held-out bits per byte of teacher and student ("
+          + (f"responses of {len(corpus.heldout_conversations())} conversations)" if corpus.chat is not None
+             else f"{len(run.eval_text):,} characters)"))
     unwrapped_student = accelerator.unwrap_model(student.model)
-    teacher_bpb = bits_per_byte(teacher.model, teacher.tokenizer, run.eval_text,
-                                accelerator=accelerator).bits_per_byte
-    initial = bits_per_byte(unwrapped_student, student.tokenizer, run.eval_text, accelerator=accelerator)
+    teacher_bpb = _heldout_bpb(run, teacher.model, "teacher").bits_per_byte
+    initial = _heldout_bpb(run, unwrapped_student, "student")
     if main:
         print(f"held-out BPB before: student {initial.bits_per_byte:.4f}, teacher {teacher_bpb:.4f}", flush=True)
     if state.best_bpb is None:
@@ -457,11 +458,20 @@ def _sum_over_processes(values: dict[str, float], accelerator) -> dict[str, floa
     return dict(zip(names, accelerator.reduce(shares, reduction="sum").tolist()))
 
 
+def _heldout_bpb(run: Run, model, side: str) -> BPBResult:
+    """Held-out BPB of the `side` ("student" or "teacher") model: on the held-out text, or on the responses of the
+    held-out conversations, each model reading its own rendering."""
+    if run.corpus.chat is not None:
+        return responses_bits_per_byte(model, run.corpus.heldout_sequences(side), accelerator=run.accelerator)
+    tokenizer = getattr(run, side).tokenizer
+    return bits_per_byte(model, tokenizer, run.eval_text, accelerator=run.accelerator)
+
+
 def _evaluate(run: Run, weights: dict[str, float], tau: float) -> bool:
     """Held-out BPB from the LM loss alone, plus knowledge retention; returns True when early stopping triggers."""
     config, state, accelerator = run.config, run.state, run.accelerator
     unwrapped = accelerator.unwrap_model(run.student.model)
-    result = bits_per_byte(unwrapped, run.student.tokenizer, run.eval_text, accelerator=accelerator)
+    result = _heldout_bpb(run, unwrapped, "student")
     retention = run.objective.evaluate_retention(
         run.corpus.eval_batches(config.training.batch_size, accelerator.device), weights, tau)
     record = {"bpb": result.bits_per_byte, "perplexity": result.perplexity, **retention}
