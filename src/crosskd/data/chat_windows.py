@@ -50,9 +50,14 @@ class ChatTemplateError(ValueError):
 
 def chat_template_of(tokenizer, override: str | None, role: str) -> str:
     """The Jinja chat template a model renders with: `override` (Jinja text or a .jinja file), else its own."""
+    if override and "{" in override:  # Jinja text: every template has a {{ ... }} or {% ... %}
+        return override
     if override:
         path = Path(override).expanduser()
-        return path.read_text(encoding="utf-8") if override.endswith(".jinja") or path.is_file() else override
+        if not path.is_file():
+            raise ChatTemplateError(f"data.chat.{role}_template is {override!r}, which is neither Jinja text nor an "
+                                    "existing file; give the template itself or the path of its .jinja file")
+        return path.read_text(encoding="utf-8")
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):  # several named templates: the default one renders conversations
         template = template.get("default")
