@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from crosskd.api import cache_teacher
+from crosskd.cli import main
 from crosskd.data.chat import ChatDataError
 from crosskd.data.collate import IGNORE_INDEX
 from crosskd.data.corpus import TrainingCorpus
@@ -62,6 +63,24 @@ def test_a_conversational_run_trains_and_evaluates_on_the_responses(tmp_path):
     assert start["bpb"] == result.initial_bpb
     train_records = log_records(config.output.run_dir)
     assert len(train_records) == 2 and all(record["loss/kd"] > 0 for record in train_records)
+    samples = log_records(config.output.run_dir, "sample")
+    assert [sample["conversation"] for sample in samples] == [f"heldout.jsonl:{line}" for line in (1, 2)]
+    assert samples[0]["request"] == "Question 100: what next?" and isinstance(samples[0]["reply"], str)
+
+
+def test_generate_chat_replies_through_the_students_template(capsys, monkeypatch):
+    import crosskd.evaluate as evaluate
+
+    rendered = []
+    original = evaluate.ChatRenderer.prompt_ids
+    monkeypatch.setattr(evaluate.ChatRenderer, "prompt_ids",
+                        lambda self, messages: rendered.append(self.render(self.with_system_prompt(messages), True))
+                        or original(self, messages))
+    assert main(["generate", "tiny:student", "What is 2 + 2?", "--chat", "--max-new-tokens", "4"]) == 0
+    assert rendered == ["<|system|>\nYou are a tiny student.<|endoftext|>\n<|user|>\nWhat is 2 + 2?<|endoftext|>\n"
+                        "<|assistant|>\n"]
+    assert main(["generate", "tiny:student", "Hi", "--chat", "--system", "Be brief.", "--max-new-tokens", "2"]) == 0
+    assert rendered[-1].startswith("<|system|>\nBe brief.<|endoftext|>")
 
 
 def test_the_lm_and_kd_terms_count_only_response_positions(tmp_path):

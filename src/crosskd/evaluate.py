@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from crosskd.data.chat_windows import ScoredSequence
+from crosskd.data.chat import Message
+from crosskd.data.chat_windows import ChatRenderer, ScoredSequence
 from crosskd.data.encoding import encode_with_byte_spans
 from crosskd.data.stdlib import heldout_text
 
@@ -94,6 +95,18 @@ def _scored_bpb(model, windows, accelerator) -> BPBResult:
         scored_tokens=int(tokens.item()),
         scored_bytes=int(nbytes.item()),
     )
+
+
+@torch.no_grad()
+def chat_reply(model, renderer: ChatRenderer, messages: tuple[Message, ...], max_new_tokens: int) -> str:
+    """The model's greedy next assistant turn after `messages`, rendered with its template (`renderer`); it ends at
+    the first special token (the end of the turn) or after `max_new_tokens`."""
+    device = next(model.parameters()).device
+    ids = torch.from_numpy(renderer.prompt_ids(messages)).unsqueeze(0).to(device)
+    stop = renderer.special_ids.tolist()
+    output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                            do_sample=False, eos_token_id=stop, pad_token_id=stop[0] if stop else None)
+    return renderer.tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 def folder_heldout_bpb(folder: Path) -> float:

@@ -110,11 +110,18 @@ class ChatRenderer:
         self._special_pattern = re.compile("|".join(map(re.escape, longest_first))) if special else None
 
     def messages(self, conversation: Conversation) -> tuple[Message, ...]:
-        """The turns as rendered: with the configured system prompt first when the conversation has none."""
-        messages = conversation.messages
+        return self.with_system_prompt(conversation.messages)
+
+    def with_system_prompt(self, messages: tuple[Message, ...]) -> tuple[Message, ...]:
+        """The turns as rendered: with the configured system prompt first when they have none."""
         if self.system_prompt is not None and messages[0].role != "system":
             messages = (Message("system", self.system_prompt), *messages)
         return messages
+
+    def prompt_ids(self, messages: tuple[Message, ...]) -> np.ndarray:
+        """The tokens that ask the model for the next assistant turn after `messages` (the template's generation
+        prompt; special-token strings are special tokens, as a tokenizer reads a prompt)."""
+        return self._template(self.render(self.with_system_prompt(messages), add_generation_prompt=True)).ids
 
     def render(self, messages: Iterable[Message], add_generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(

@@ -31,7 +31,8 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_
 from crosskd.config import Config, config_differences
 from crosskd.data.collate import collate_windows
 from crosskd.data.corpus import TrainingCorpus, windows_per_step
-from crosskd.evaluate import BPBResult, bits_per_byte, responses_bits_per_byte
+from crosskd.data.chat import ASSISTANT
+from crosskd.evaluate import BPBResult, bits_per_byte, chat_reply, responses_bits_per_byte
 from crosskd.losses.selection import step_counts
 from crosskd.models.loading import LoadedModel, load_model
 from crosskd.models.precision import MixedPrecision
@@ -416,6 +417,8 @@ def train(config: Config, resume: str | None = None, debug: bool = False, overwr
                   f"resume with: crosskd train {run_dir / CONFIG_FILE} --resume", file=sys.stderr, flush=True)
         logbook.close()
         raise
+    if main and corpus.chat is not None:
+        _log_replies(run)
     logbook.close()
 
     # --- export the best student, not the last --------------------------------------------------------------------
@@ -456,6 +459,25 @@ def _sum_over_processes(values: dict[str, float], accelerator) -> dict[str, floa
     names = sorted(values)
     shares = torch.tensor([values[name] for name in names], device=accelerator.device)
     return dict(zip(names, accelerator.reduce(shares, reduction="sum").tolist()))
+
+
+SAMPLE_CONVERSATIONS = 3  # held-out conversations whose first reply the trained student writes into the log
+SAMPLE_TOKENS = 64
+
+
+def _log_replies(run: Run) -> None:
+    """The final student's greedy reply to the first request of a few held-out conversations, beside the answer
+    (log.jsonl kind `sample`, and the console): a look at what responses-only BPB measures."""
+    model = run.accelerator.unwrap_model(run.student.model)
+    renderer = run.corpus.chat.student
+    for conversation in run.corpus.heldout_documents[:SAMPLE_CONVERSATIONS]:
+        first_reply = next(n for n, message in enumerate(conversation.messages) if message.role == ASSISTANT)
+        request = conversation.messages[:first_reply]
+        reply = chat_reply(model, renderer, request, SAMPLE_TOKENS)
+        run.logbook.record("sample", run.state.step, {"conversation": conversation.name, "request": request[-1].content,
+                                                      "reply": reply,
+                                                      "answer": conversation.messages[first_reply].content})
+        run.logbook.line(f"sample {conversation.name}: {reply[:200]!r}")
 
 
 def _heldout_bpb(run: Run, model, side: str) -> BPBResult:
