@@ -137,7 +137,7 @@ def test_a_long_conversation_is_cut_between_tokens_and_counted():
     prompt_only = Conversation("long.jsonl:7", "long.jsonl", (Message("user", "x " * 400), Message("assistant", "y")))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        produced = list(windows.windows([CONVERSATION, prompt_only, CONVERSATION]))
+        produced = list(windows.windows([CONVERSATION, prompt_only, CONVERSATION], "test"))
     assert len(produced) == 2  # the conversation whose prompt fills the window has nothing to train
     message = str(caught[0].message)
     assert len(caught) == 1
@@ -174,7 +174,7 @@ def test_training_on_prompts_trains_every_position_and_pairs_the_user_turns():
 def test_the_batch_mask_removes_prompt_positions_from_every_term():
     windows = ChatWindows(ChatConfig(), tiny_student_tokenizer(), tiny_teacher_tokenizer(), 10_000)
     short = Conversation("s", "s", (Message("user", "Hi"), Message("assistant", "Hello.")))
-    batch = collate_windows(list(windows.windows([CONVERSATION, short])), teacher_pad_id=0)
+    batch = collate_windows(list(windows.windows([CONVERSATION, short], "test")), teacher_pad_id=0)
     assert batch.student_loss_mask.shape == batch.student_input_ids.shape
     assert not batch.student_loss_mask[1, batch.student_attention_mask[1] == 0].any()  # padding
     selection = select_positions(batch, torch.ones(len(batch.pair_batch), dtype=torch.bool))

@@ -349,8 +349,7 @@ class ChatWindows:
     def dual(self, conversation: Conversation) -> DualConversation:
         return dual_conversation(conversation, self.student, self.teacher, self.window_tokens, self.train_on_prompts)
 
-    def windows(self, conversations: Iterable[Conversation], what: str = "training conversations"
-                ) -> Iterator[DualWindow]:
+    def windows(self, conversations: Iterable[Conversation], what: str) -> Iterator[DualWindow]:
         """One window per conversation that has a trained position left in the window; the pass's cuts and skips
         are reported in one warning at its end."""
         tally = TruncationTally(self.window_tokens)

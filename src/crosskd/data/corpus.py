@@ -79,9 +79,10 @@ class TrainingCorpus:
             self.conversation_tally = self.chat.survey(self.train_documents)
             self.conversation_tally.warn(f"data.source {data.source!r}")
 
-    def _windows_of(self, documents) -> Iterator[DualWindow]:
+    def _windows_of(self, documents, what: str) -> Iterator[DualWindow]:
+        """The windows of `documents`; `what` names them in a conversational pass's truncation warning."""
         if self.chat is not None:
-            return self.chat.windows(documents)
+            return self.chat.windows(documents, what)
         return dual_windows(documents, self.student_tokenizer, self.teacher_tokenizer, self.config.window_tokens)
 
     def heldout_conversations(self) -> list[DualConversation]:
@@ -112,7 +113,7 @@ class TrainingCorpus:
         return documents
 
     def _epoch_windows(self, epoch: int) -> Iterator[DualWindow]:
-        return self._windows_of(self._epoch_documents(epoch))
+        return self._windows_of(self._epoch_documents(epoch), f"training conversations (epoch {epoch})")
 
     def check_training_window(self) -> None:
         """Raise before the first step when the training documents give no window: the endless stream would
@@ -189,16 +190,16 @@ class TrainingCorpus:
         """A few held-out windows (the start of the held-out text, or the first held-out conversations) for
         knowledge-retention metrics."""
         documents = self.heldout_documents if self.chat is not None else [Document("held-out", self.eval_text())]
-        return self._batches(documents, EVAL_WINDOWS, batch_size, device)
+        return self._batches(documents, EVAL_WINDOWS, batch_size, device, "held-out conversations")
 
     def preparation_batches(self, batch_size: int, device) -> list[DualBatch]:
         """Training windows from a shuffle of their own (seed - 1), so the first training steps do not repeat them."""
         documents = list(self.train_documents)
         random.Random(self.config.seed - 1).shuffle(documents)
-        return self._batches(documents, PREPARATION_WINDOWS, batch_size, device)
+        return self._batches(documents, PREPARATION_WINDOWS, batch_size, device, "preparation conversations")
 
-    def _batches(self, documents, count: int, batch_size: int, device) -> list[DualBatch]:
-        windows = list(itertools.islice(self._windows_of(documents), count))
+    def _batches(self, documents, count: int, batch_size: int, device, what: str) -> list[DualBatch]:
+        windows = list(itertools.islice(self._windows_of(documents, what), count))
         return [collate_windows(windows[i : i + batch_size], self.teacher_pad_id).to(device)
                 for i in range(0, len(windows), batch_size)]
 
