@@ -30,7 +30,7 @@ CONVERSATION = Conversation("chat.jsonl:1", "chat.jsonl", (
     Message("assistant", "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n"),
     Message("user", "And in one word? 🎉"),
     Message("assistant", "Straße, naïve 日本語 👍🏽 <|endoftext|> done."),
-))
+), responses=(1, 3))
 
 
 def _pairs_of_tokenizers():
@@ -104,7 +104,7 @@ def test_a_prompt_change_leaves_the_response_pairs_unchanged():
     windows = ChatWindows(ChatConfig(), tiny_student_tokenizer(), tiny_teacher_tokenizer(), 10_000)
     other = Conversation("x", "x", (Message("system", "Be brief."),
                                     Message("user", "Something much longer and different: 日本語 and code `x = 1`."),
-                                    *CONVERSATION.messages[1:]))
+                                    *CONVERSATION.messages[1:]), responses=(2, 4))
 
     def response_pairs(conversation):
         dual = windows.dual(conversation)
@@ -134,7 +134,8 @@ def test_a_long_conversation_is_cut_between_tokens_and_counted():
     assert cut.teacher.content_end[-1] <= cut.student.content_end[-1]
     assert len(cut.teacher) < len(whole.teacher)
     assert np.array_equal(cut.teacher.tokens.ids, whole.teacher.tokens.ids[: len(cut.teacher)])
-    prompt_only = Conversation("long.jsonl:7", "long.jsonl", (Message("user", "x " * 400), Message("assistant", "y")))
+    prompt_only = Conversation("long.jsonl:7", "long.jsonl", (Message("user", "x " * 400), Message("assistant", "y")),
+                               responses=(1,))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         produced = list(windows.windows([CONVERSATION, prompt_only, CONVERSATION], "test"))
@@ -173,7 +174,7 @@ def test_training_on_prompts_trains_every_position_and_pairs_the_user_turns():
 
 def test_the_batch_mask_removes_prompt_positions_from_every_term():
     windows = ChatWindows(ChatConfig(), tiny_student_tokenizer(), tiny_teacher_tokenizer(), 10_000)
-    short = Conversation("s", "s", (Message("user", "Hi"), Message("assistant", "Hello.")))
+    short = Conversation("s", "s", (Message("user", "Hi"), Message("assistant", "Hello.")), responses=(1,))
     batch = collate_windows(list(windows.windows([CONVERSATION, short], "test")), teacher_pad_id=0)
     assert batch.student_loss_mask.shape == batch.student_input_ids.shape
     assert not batch.student_loss_mask[1, batch.student_attention_mask[1] == 0].any()  # padding
@@ -224,6 +225,18 @@ def test_both_row_formats_and_configurable_field_names(tmp_path):
     completions = load_conversations(_jsonl(tmp_path / "pc.jsonl", rows), "prompt-completion", chat)
     assert completions[0].messages == messages[0].messages
     assert completions[1].messages == (Message("system", "Be kind."), *messages[0].messages)
+    assert (messages[0].responses, completions[0].responses, completions[1].responses) == ((1,), (1,), (2,))
+
+
+def test_assistant_turns_of_a_prompt_are_context_only_the_completion_trains(tmp_path):
+    few_shot = {"prompt": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+                           {"role": "user", "content": "3+3?"}], "completion": "6"}
+    (conversation,) = load_conversations(_jsonl(tmp_path / "pc.jsonl", [few_shot]), "prompt-completion", ChatConfig())
+    assert conversation.responses == (3,)
+    dual = ChatWindows(ChatConfig(), tiny_student_tokenizer(), tiny_teacher_tokenizer(), 10_000).dual(conversation)
+    trained = np.flatnonzero(dual.window().student_loss_mask[:-1]) + 1
+    assert set(dual.student.message[trained].tolist()) == {3, TEMPLATE_PIECE}  # the completion and its end of turn
+    assert set(dual.student.message[dual.window().pairs.student_pos + 1].tolist()) == {3}
 
 
 def test_parquet_and_datasets_folders(tmp_path):

@@ -1,8 +1,9 @@
 """Conversations: instruction data as the trainers of TRL take it, read from rows and checked before any training.
 
 Two row formats (`data.format`): `messages` (a list of `{role, content}` turns: system, user, assistant, several turns
-allowed) and `prompt-completion` (`prompt` and `completion`, each a string or a list of turns; a string prompt is one
-user turn, a string completion one assistant turn). Field names are `data.chat`'s. Rows come from any row-based
+allowed; every assistant turn is a response) and `prompt-completion` (`prompt` and `completion`, each a string or a
+list of turns; a string prompt is one user turn, a string completion one assistant turn; the responses are the
+completion's assistant turns, so assistant turns in the prompt, e.g. few-shot examples, are context). Field names are `data.chat`'s. Rows come from any row-based
 source (`crosskd.data.sources.iter_records`) or the built-in `python-stdlib-chat` set (data/stdlib_chat.py). Every
 row is parsed when the corpus is built, so a bad row stops the run before its first step, naming the row and the fix.
 """
@@ -37,6 +38,7 @@ class Conversation:
     name: str  # where the row is: `file:line`, `file#row`, `dataset[split]#row`, `module.py:function`
     group: str  # the file, dataset or module it belongs to (data.heldout_documents may name it: all its rows)
     messages: tuple[Message, ...]
+    responses: tuple[int, ...]  # the assistant turns that are trained (indices into `messages`)
 
     @property
     def text(self) -> str:
@@ -75,16 +77,22 @@ def conversation_of(record: Record, row_format: str, chat: ChatConfig) -> Conver
     if row_format == MESSAGES_FORMAT:
         messages = _turns(_field(fields, chat.messages_field, where, "data.chat.messages_field", row_format), where,
                           chat, chat.messages_field)
+        responses = _assistant_turns(messages, 0)
     elif row_format == PROMPT_COMPLETION_FORMAT:
-        prompt = _field(fields, chat.prompt_field, where, "data.chat.prompt_field", row_format)
-        completion = _field(fields, chat.completion_field, where, "data.chat.completion_field", row_format)
-        messages = (_side(prompt, "user", where, chat, chat.prompt_field)
-                    + _side(completion, ASSISTANT, where, chat, chat.completion_field))
+        prompt = _side(_field(fields, chat.prompt_field, where, "data.chat.prompt_field", row_format), "user", where,
+                       chat, chat.prompt_field)
+        completion = _side(_field(fields, chat.completion_field, where, "data.chat.completion_field", row_format),
+                           ASSISTANT, where, chat, chat.completion_field)
+        messages, responses = prompt + completion, _assistant_turns(completion, len(prompt))
     else:
         raise ChatDataError(f"data.format is {row_format!r}: conversations are read with {MESSAGES_FORMAT!r} or "
                             f"{PROMPT_COMPLETION_FORMAT!r}")
-    _require_trainable(messages, where)
-    return Conversation(where, record.group, messages)
+    _require_trainable(messages, responses, where)
+    return Conversation(where, record.group, messages, responses)
+
+
+def _assistant_turns(messages: tuple[Message, ...], first: int) -> tuple[int, ...]:
+    return tuple(first + number for number, message in enumerate(messages) if message.role == ASSISTANT)
 
 
 def _field(fields: dict, name: str, where: str, key: str, row_format: str):
@@ -125,12 +133,11 @@ def _turns(value, where: str, chat: ChatConfig, field_name: str) -> tuple[Messag
     return tuple(messages)
 
 
-def _require_trainable(messages: tuple[Message, ...], where: str) -> None:
-    assistant_turns = [number for number, message in enumerate(messages) if message.role == ASSISTANT]
-    if not assistant_turns:
+def _require_trainable(messages: tuple[Message, ...], responses: tuple[int, ...], where: str) -> None:
+    if not responses:
         raise ChatDataError(f"{where}: the conversation has no assistant turn, so it has no response to train on; add "
                             "the response (role 'assistant') or drop the row")
-    for number in assistant_turns:
+    for number in responses:
         if not messages[number].content:
             raise ChatDataError(f"{where}: assistant turn {number} is empty, which would teach the model to answer "
                                 "with nothing; give its response text or drop the row")

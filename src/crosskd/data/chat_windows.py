@@ -8,12 +8,13 @@ end, identical on both sides), and template tokens take part as context only.
 - Tokens: the rendering is cut into template pieces and turn contents; a template piece is tokenised with the
   tokenizer's special tokens recognised (`<|im_start|>` is one token), a content as plain text (a special-token string
   typed in a turn stays text). A content therefore always starts and ends at a token boundary on both sides.
-- Loss mask: the student positions whose next token is in an assistant content, or is the end of an assistant turn
-  (the template tokens after the content up to and including the first special token: `<|im_end|>`, `<|eot_id|>`).
-  With `data.chat.train_on_prompts` every position is trained.
+- Loss mask: the student positions whose next token is in a response (the conversation's `responses`: its assistant
+  turns, of a prompt-completion row the completion's), or is the end of a response (the template tokens after it up
+  to and including the first special token: `<|im_end|>`, `<|eot_id|>`). With `data.chat.train_on_prompts` every
+  position is trained.
 - Pairs: (i, j) where student token i+1 and teacher token j+1 start at the same byte of the same trained content
-  (an assistant turn; every turn with `train_on_prompts`), which includes each turn's first byte: both models are
-  about to predict the same response byte. The end-of-turn prediction has no pair: the two end-of-turn tokens are
+  (a response; every turn with `train_on_prompts`), which includes each turn's first byte: both models are about to
+  predict the same response byte. The end-of-turn prediction has no pair: the two end-of-turn tokens are
   special tokens that stand for no bytes, which no vocabulary transfer can map, so KD leaves it to the LM term.
 - Windows: one conversation per window, right-padded in the batch (no packing: attention never crosses
   conversations). A conversation of more than `window_tokens` student tokens is cut after its first `window_tokens`
@@ -33,7 +34,7 @@ import numpy as np
 
 from crosskd.config import ChatConfig
 from crosskd.data.alignment import pairs_of_keys
-from crosskd.data.chat import ASSISTANT, Conversation, Message
+from crosskd.data.chat import Conversation, Message
 from crosskd.data.encoding import EncodedText, encode_with_byte_spans
 from crosskd.data.windows import DualWindow
 
@@ -79,7 +80,9 @@ class EncodedConversation:
     message: np.ndarray  # int64 [n]: the turn whose content the token is in, TEMPLATE_PIECE for template tokens
     content_start: np.ndarray  # int64 [n]: content coordinate of the token's first byte (template: content before it)
     content_end: np.ndarray  # int64 [n]: content coordinate after the token; never decreases along the tokens
-    end_of_turn: np.ndarray  # bool [n]: the tokens that close an assistant turn
+    end_of_turn: np.ndarray  # bool [n]: the tokens that close a response
+    responses: np.ndarray  # int64: the rendered turns that are responses
+    turns: int  # how many turns were rendered (a configured system prompt is turn 0)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -87,7 +90,7 @@ class EncodedConversation:
     def head(self, count: int) -> EncodedConversation:
         tokens = EncodedText(self.tokens.ids[:count], self.tokens.byte_starts[:count], self.tokens.byte_ends[:count])
         return EncodedConversation(tokens, self.message[:count], self.content_start[:count], self.content_end[:count],
-                                   self.end_of_turn[:count])
+                                   self.end_of_turn[:count], self.responses, self.turns)
 
     def in_turns(self, turns: np.ndarray) -> np.ndarray:
         """bool [n]: the tokens in the contents of `turns` (message indices)."""
@@ -129,7 +132,8 @@ class ChatRenderer:
             tokenize=False, add_generation_prompt=add_generation_prompt,
         )
 
-    def pieces(self, conversation: Conversation, messages: tuple[Message, ...]) -> list[tuple[str, int]]:
+    def pieces(self, conversation: Conversation, messages: tuple[Message, ...], responses: np.ndarray
+               ) -> list[tuple[str, int]]:
         """The rendering as (text, turn) pieces: turn contents (their message index) and template text
         (TEMPLATE_PIECE); checked to be exactly the model's rendering of the conversation."""
         marked = self.render(Message(m.role, _MARKER.format(number)) for number, m in enumerate(messages))
@@ -147,22 +151,23 @@ class ChatRenderer:
                 "rewrites, strips or depends on a content), so crosskd cannot find the response bytes in its "
                 f"rendering; give a template that writes each content as it is with data.chat.{self.role}_template"
             )
-        missing = [n for n, message in enumerate(messages) if message.role == ASSISTANT
-                   and n not in {turn for _, turn in pieces}]
+        missing = sorted(set(responses.tolist()) - {turn for _, turn in pieces})
         if missing:
             raise ChatTemplateError(f"{conversation.name}: the {self.role} chat template leaves out assistant turn "
                                     f"{missing[0]}; give one that renders every turn with "
                                     f"data.chat.{self.role}_template")
         return [(text, turn) for text, turn in pieces if text]
 
-    def encode(self, conversation: Conversation) -> tuple[EncodedConversation, tuple[Message, ...]]:
-        """The model's tokens of `conversation` placed in content coordinates, and the turns it rendered."""
+    def encode(self, conversation: Conversation) -> EncodedConversation:
+        """The model's tokens of `conversation` placed in content coordinates."""
         messages = self.messages(conversation)
+        added = len(messages) - len(conversation.messages)  # a configured system prompt comes first
+        responses = np.array(conversation.responses, dtype=np.int64) + added
         lengths = np.array([len(message.content.encode("utf-8")) for message in messages], dtype=np.int64)
         bases = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         ids, starts, ends, turns, content_starts, content_ends = [], [], [], [], [], []
         rendered_bytes, content_so_far = 0, 0
-        for text, turn in self.pieces(conversation, messages):
+        for text, turn in self.pieces(conversation, messages, responses):
             encoded = encode_with_byte_spans(self.tokenizer, text) if turn != TEMPLATE_PIECE else self._template(text)
             ids.append(encoded.ids)
             starts.append(encoded.byte_starts + rendered_bytes)
@@ -182,9 +187,8 @@ class ChatRenderer:
             raise ChatTemplateError(f"{conversation.name}: the {self.role} chat template renders the turns out of "
                                     "order or one of them twice, so their bytes cannot be paired with the other "
                                     f"model's; give a template with data.chat.{self.role}_template")
-        end_of_turn = self._end_of_turn(tokens.ids, message, messages)
         return EncodedConversation(tokens, message, np.concatenate(content_starts), content_ends,
-                                   end_of_turn), messages
+                                   self._end_of_turn(tokens.ids, message, responses), responses, len(messages))
 
     def _template(self, text: str) -> EncodedText:
         """A template piece: special-token strings are the special token (their span is their text), the rest text."""
@@ -209,14 +213,13 @@ class ChatRenderer:
             return EncodedText(*(np.zeros(0, dtype=np.int64) for _ in range(3)))
         return EncodedText(*(np.concatenate(part) for part in (ids, starts, ends)))
 
-    def _end_of_turn(self, ids: np.ndarray, message: np.ndarray, messages: tuple[Message, ...]) -> np.ndarray:
-        """The template tokens after each assistant content up to and including the first special token (only the
-        first template token when no special token follows before the next content)."""
+    def _end_of_turn(self, ids: np.ndarray, message: np.ndarray, responses: np.ndarray) -> np.ndarray:
+        """The template tokens after each response up to and including the first special token (only the first
+        template token when no special token follows before the next content)."""
         end_of_turn = np.zeros(len(ids), dtype=bool)
-        assistant = np.array([m.role == ASSISTANT for m in messages])
         last_of_content = np.flatnonzero((message[:-1] != TEMPLATE_PIECE) & (message[1:] == TEMPLATE_PIECE))
         for position in last_of_content:
-            if not assistant[message[position]]:
+            if message[position] not in responses:
                 continue
             following = position + 1
             while following < len(ids) and message[following] == TEMPLATE_PIECE:
@@ -232,7 +235,7 @@ class ChatRenderer:
 @dataclass(frozen=True)
 class ScoredSequence:
     """A model's tokens of a held-out conversation for responses-only evaluation: position i is scored when token
-    i+1 is in an assistant content; `scored_bytes` are those tokens' bytes."""
+    i+1 is in a response; `scored_bytes` are those tokens' bytes."""
 
     ids: np.ndarray  # int64 [n]
     scored: np.ndarray  # bool [n]
@@ -241,22 +244,26 @@ class ScoredSequence:
 
 @dataclass(frozen=True)
 class DualConversation:
-    """A conversation in one window: both models' tokens (cut to the window), the trained turns, whether it was cut."""
+    """A conversation in one window: both models' tokens (cut to the window), whether prompts train, whether it was
+    cut."""
 
     student: EncodedConversation
     teacher: EncodedConversation
-    trained_turns: np.ndarray  # int64: the turns whose content positions are trained (and paired)
-    assistant_turns: np.ndarray  # int64
     train_on_prompts: bool
     truncated: bool
 
+    @property
+    def trained_turns(self) -> np.ndarray:
+        """The turns whose contents are trained and paired: the responses, or every turn with `train_on_prompts`."""
+        return np.arange(self.student.turns) if self.train_on_prompts else self.student.responses
+
     def student_loss_mask(self) -> np.ndarray:
-        return loss_mask(self.student, self.assistant_turns, self.train_on_prompts)
+        return loss_mask(self.student, self.train_on_prompts)
 
     def window(self) -> DualWindow:
         keyed = [_next_token_keys(side, self.trained_turns) for side in (self.student, self.teacher)]
         pairs = pairs_of_keys(self.student.tokens, self.teacher.tokens, *keyed[0], *keyed[1])
-        in_response = self.student.in_turns(self.assistant_turns)
+        in_response = self.student.in_turns(self.student.responses)
         student_bytes = self.student.tokens.byte_ends - self.student.tokens.byte_starts
         return DualWindow(student_ids=self.student.tokens.ids, teacher_ids=self.teacher.tokens.ids, pairs=pairs,
                           text_bytes=int(student_bytes[in_response].sum()),
@@ -264,23 +271,19 @@ class DualConversation:
 
     def scored(self, side: str) -> ScoredSequence:
         encoded: EncodedConversation = getattr(self, side)
-        in_response = encoded.in_turns(self.assistant_turns)
+        in_response = encoded.in_turns(encoded.responses)
         token_bytes = encoded.tokens.byte_ends - encoded.tokens.byte_starts
         return ScoredSequence(encoded.tokens.ids, np.append(in_response[1:], False),
                               int(token_bytes[1:][in_response[1:]].sum()))
 
 
-def loss_mask(encoded: EncodedConversation, assistant_turns: np.ndarray, train_on_prompts: bool) -> np.ndarray:
-    """bool [n]: the positions whose next token is trained: in an assistant content or an end of turn (every
-    position with `train_on_prompts`)."""
+def loss_mask(encoded: EncodedConversation, train_on_prompts: bool) -> np.ndarray:
+    """bool [n]: the positions whose next token is trained: in a response or an end of turn (every position with
+    `train_on_prompts`)."""
     if train_on_prompts:
         return np.ones(len(encoded), dtype=bool)
-    trained = encoded.in_turns(assistant_turns) | encoded.end_of_turn
+    trained = encoded.in_turns(encoded.responses) | encoded.end_of_turn
     return np.append(trained[1:], False)
-
-
-def assistant_turns_of(messages: tuple[Message, ...]) -> np.ndarray:
-    return np.array([number for number, message in enumerate(messages) if message.role == ASSISTANT], dtype=np.int64)
 
 
 def _next_token_keys(encoded: EncodedConversation, turns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -296,17 +299,13 @@ def dual_conversation(conversation: Conversation, student: ChatRenderer, teacher
                       train_on_prompts: bool) -> DualConversation:
     """Both models' tokens of `conversation`, the student's cut after `window_tokens` tokens and the teacher's after
     the same content byte (its tokens that end no later than the student's last kept one)."""
-    student_tokens, messages = student.encode(conversation)
-    teacher_tokens, _ = teacher.encode(conversation)
-    assistant_turns = assistant_turns_of(messages)
-    trained_turns = np.arange(len(messages), dtype=np.int64) if train_on_prompts else assistant_turns
+    student_tokens, teacher_tokens = student.encode(conversation), teacher.encode(conversation)
     truncated = len(student_tokens) > window_tokens
     if truncated:
         student_tokens = student_tokens.head(window_tokens)
         last_byte = student_tokens.content_end[-1]
         teacher_tokens = teacher_tokens.head(int(np.searchsorted(teacher_tokens.content_end, last_byte, "right")))
-    return DualConversation(student_tokens, teacher_tokens, trained_turns, assistant_turns, train_on_prompts,
-                            truncated)
+    return DualConversation(student_tokens, teacher_tokens, train_on_prompts, truncated)
 
 
 @dataclass
@@ -366,9 +365,8 @@ class ChatWindows:
         """The cuts and skips of a pass, from the student's tokens alone (what decides them)."""
         tally = TruncationTally(self.window_tokens)
         for conversation in conversations:
-            tokens, messages = self.student.encode(conversation)
-            kept = tokens.head(self.window_tokens)
-            trains = loss_mask(kept, assistant_turns_of(messages), self.train_on_prompts)[:-1].any()
+            tokens = self.student.encode(conversation)
+            trains = loss_mask(tokens.head(self.window_tokens), self.train_on_prompts)[:-1].any()
             tally.count(len(tokens) > self.window_tokens, bool(trains), conversation.name)
         return tally
 

@@ -50,7 +50,7 @@ def stdlib_conversations(source: str = STDLIB_CHAT_SOURCE) -> Iterator[Conversat
                 yield Conversation(f"{relative}:{qualified_name}", relative, (
                     Message("user", REQUEST.format(module=module, signature=signature)),
                     Message(ASSISTANT, body),
-                ))
+                ), responses=(1,))
 
 
 def _documented_functions(tree: ast.Module) -> Iterator[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:

@@ -31,7 +31,6 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_
 from crosskd.config import Config, config_differences
 from crosskd.data.collate import collate_windows
 from crosskd.data.corpus import TrainingCorpus, windows_per_step
-from crosskd.data.chat import ASSISTANT
 from crosskd.evaluate import BPBResult, bits_per_byte, chat_reply, responses_bits_per_byte
 from crosskd.losses.selection import step_counts
 from crosskd.models.loading import LoadedModel, load_model
@@ -471,7 +470,7 @@ def _log_replies(run: Run) -> None:
     model = run.accelerator.unwrap_model(run.student.model)
     renderer = run.corpus.chat.student
     for conversation in run.corpus.heldout_documents[:SAMPLE_CONVERSATIONS]:
-        first_reply = next(n for n, message in enumerate(conversation.messages) if message.role == ASSISTANT)
+        first_reply = conversation.responses[0]
         request = conversation.messages[:first_reply]
         reply = chat_reply(model, renderer, request, SAMPLE_TOKENS)
         run.logbook.record("sample", run.state.step, {"conversation": conversation.name, "request": request[-1].content,
