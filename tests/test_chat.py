@@ -273,6 +273,18 @@ def test_each_bad_row_is_named_with_its_line_and_the_fix(tmp_path, row, problem)
         load_conversations(path, "messages", ChatConfig())
 
 
+def test_a_hub_dataset_the_machine_cannot_reach_is_a_clear_error(monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'someone/chats' on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(FileNotFoundError, match=r"hub:someone/chats could not be loaded \(ConnectionError.*may not "
+                                                r"reach the Hugging Face hub.*save_to_disk"):
+        load_conversations("hub:someone/chats", "messages", ChatConfig())
+
+
 def test_a_plain_text_file_is_no_conversation_source(tmp_path):
     (tmp_path / "notes.txt").write_text("hello", encoding="utf-8")
     with pytest.raises(ValueError, match=r"has no rows.*data.format=text"):

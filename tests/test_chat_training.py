@@ -159,3 +159,18 @@ def test_the_fingerprint_covers_each_models_own_template(written_cache, tiny_pai
 def tiny_config_of_text(config):
     """The same run on plain text: its fingerprint has no conversational fields (older caches still match)."""
     return dataclasses.replace(config, data=dataclasses.replace(config.data, format="text"))
+
+
+def test_the_projector_prefit_learns_only_from_the_pairs_the_mask_trains(tmp_path):
+    objective, batch = objective_and_first_batch(tiny_config(tmp_path, "objective.strategy=projector",
+                                                             "objective.divergence=null"))
+    transfer = objective.transfer
+    everything = transfer._prefit_pairs([batch], objective.teacher_source.signal, objective.student_model)
+    half = torch.zeros_like(batch.student_input_ids, dtype=torch.bool)
+    half[:, : half.shape[1] // 2] = True
+    masked = dataclasses.replace(batch, student_loss_mask=half)
+    kept = transfer._prefit_pairs([masked], objective.teacher_source.signal, objective.student_model)
+    trained = half[batch.pair_batch, batch.pair_student_pos]
+    assert 0 < len(kept.target_ids) == int(trained.sum()) < len(everything.target_ids)
+    assert torch.equal(kept.target_ids, everything.target_ids[trained])
+    assert torch.equal(kept.teacher_features, everything.teacher_features[trained])
