@@ -17,6 +17,7 @@ from crosskd.data.collate import IGNORE_INDEX
 from crosskd.data.corpus import TrainingCorpus
 from crosskd.evaluate import responses_bits_per_byte
 from crosskd.models.loading import load_model
+from crosskd.report.model_card import write_model_card
 from crosskd.teacher.cache import TeacherCacheError
 from crosskd.teacher.cache_format import chat_fingerprint, fingerprint_difference
 from crosskd.testing.tiny_tokenizers import STUDENT_CHAT_TEMPLATE, with_chat_template
@@ -63,6 +64,9 @@ def test_a_conversational_run_trains_and_evaluates_on_the_responses(tmp_path):
     assert start["bpb"] == result.initial_bpb
     train_records = log_records(config.output.run_dir)
     assert len(train_records) == 2 and all(record["loss/kd"] > 0 for record in train_records)
+    write_model_card(result.student_dir, result.run_dir)
+    card = (result.student_dir / "README.md").read_text()
+    assert "`messages` conversations of at most 128 student tokens" in card and "on the responses only" in card
     samples = log_records(config.output.run_dir, "sample")
     assert [sample["conversation"] for sample in samples] == [f"heldout.jsonl:{line}" for line in (1, 2)]
     assert samples[0]["request"] == "Question 100: what next?" and isinstance(samples[0]["reply"], str)
