@@ -297,6 +297,8 @@ def test_the_conversational_config_is_checked():
     with pytest.raises(ValueError, match=r"data.format is 'chat', which is not one of text, messages, "
                                          r"prompt-completion"):
         load_config(None, ["data.format=chat"])
+    with pytest.raises(ValueError, match=r"'python-stdlib-chat' is a set of conversations: set data.format=messages"):
+        load_config(None, ["data.source=python-stdlib-chat"])
     with pytest.raises(ValueError, match=r"unknown config key 'data.chat.system'; did you mean "
                                          r"'data.chat.system_prompt'"):
         load_config(None, ["data.chat.system=x"])

@@ -46,6 +46,12 @@ class TeacherConfig:
 
 
 DATA_FORMATS = ("text", "messages", "prompt-completion")
+# The built-in instruction set (data/stdlib_chat.py); `python-stdlib-chat:<pattern>` keeps the files matching it.
+STDLIB_CHAT_SOURCE = "python-stdlib-chat"
+
+
+def is_stdlib_chat_source(source: str) -> bool:
+    return source.partition(":")[0] == STDLIB_CHAT_SOURCE
 
 
 @dataclass
@@ -79,10 +85,12 @@ class DataConfig:
     text_field: str = "text"
     chat: ChatConfig = field(default_factory=ChatConfig)
     window_tokens: int = 256
-    # Documents named here form the held-out split; with none, `eval_fraction` of the documents (seeded) does.
+    # Documents named here form the held-out split (a conversation also by its file or module: all its rows); with
+    # none, `eval_fraction` of the documents (seeded) does.
     heldout_documents: list[str] = field(default_factory=lambda: list(HELDOUT_FILES))
     eval_fraction: float = 0.0
-    # The held-out text is the concatenation of the held-out documents cut to this many characters (null: all).
+    # The held-out text is the concatenation of the held-out documents cut to this many characters (null: all);
+    # held-out conversations are taken in order while their turns total at most this many characters.
     eval_max_chars: int | None = HELDOUT_CHARS
     seed: int = 0
     # Train on only the first this many windows of the training stream (null: all of it), repeated every epoch in a
@@ -367,6 +375,9 @@ def validate(config: Config) -> None:
     check_choice(config.teacher.source, ("online", "cache"), "teacher.source")
     check_choice(config.objective.kd_balance, KD_BALANCES, "objective.kd_balance")
     check_choice(config.data.format, DATA_FORMATS, "data.format")
+    if is_stdlib_chat_source(config.data.source) and config.data.format != "messages":
+        raise ConfigError(f"data.source {config.data.source!r} is a set of conversations: set data.format=messages "
+                          f"(data.format is {config.data.format!r})")
     if config.data.max_train_windows is not None and config.data.max_train_windows < 1:
         raise ConfigError(f"data.max_train_windows must be at least 1 or null (all windows), got "
                           f"{config.data.max_train_windows}")

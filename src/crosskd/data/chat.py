@@ -14,7 +14,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from crosskd.config import ChatConfig
+from crosskd.config import ChatConfig, is_stdlib_chat_source
 from crosskd.data.sources import Record, iter_records
 
 ROLES = ("system", "user", "assistant")
@@ -51,7 +51,7 @@ def iter_conversations(source: str, row_format: str, chat: ChatConfig, split: st
     """The conversations of `source`, one per row, each checked (`ChatDataError` names the row and the fix)."""
     from crosskd.data import stdlib_chat  # the built-in set reads the stdlib's source; only its runs need it
 
-    if stdlib_chat.is_stdlib_chat_source(source):
+    if is_stdlib_chat_source(source):
         yield from stdlib_chat.stdlib_conversations(source)
         return
     for record in iter_records(source, split):

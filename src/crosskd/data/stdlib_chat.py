@@ -18,15 +18,10 @@ import io
 import textwrap
 from collections.abc import Iterator
 
+from crosskd.config import STDLIB_CHAT_SOURCE
 from crosskd.data import stdlib
 from crosskd.data.chat import ASSISTANT, Conversation, Message
-
-STDLIB_CHAT_SOURCE = "python-stdlib-chat"
 REQUEST = "Complete this function from the Python standard library module `{module}`:\n\n{signature}"
-
-
-def is_stdlib_chat_source(source: str) -> bool:
-    return source == STDLIB_CHAT_SOURCE or source.startswith(f"{STDLIB_CHAT_SOURCE}:")
 
 
 def stdlib_conversations(source: str = STDLIB_CHAT_SOURCE) -> Iterator[Conversation]:
