@@ -49,7 +49,7 @@ class Conversation:
 def iter_conversations(source: str, row_format: str, chat: ChatConfig, split: str | None = None
                        ) -> Iterator[Conversation]:
     """The conversations of `source`, one per row, each checked (`ChatDataError` names the row and the fix)."""
-    from crosskd.data import stdlib_chat  # the built-in set reads the stdlib's source; only its runs need it
+    from crosskd.data import stdlib_chat  # here, not at the top: stdlib_chat builds on this module
 
     if is_stdlib_chat_source(source):
         yield from stdlib_chat.stdlib_conversations(source)
