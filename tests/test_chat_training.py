@@ -178,3 +178,17 @@ def test_the_projector_prefit_learns_only_from_the_pairs_the_mask_trains(tmp_pat
     assert 0 < len(kept.target_ids) == int(trained.sum()) < len(everything.target_ids)
     assert torch.equal(kept.target_ids, everything.target_ids[trained])
     assert torch.equal(kept.teacher_features, everything.teacher_features[trained])
+
+
+@pytest.mark.parametrize("overrides", [
+    ["router.enabled=true", "router.num_experts=2", "router.top_k=1", "router.layerwise_alpha=0.1",
+     "router.attention_alpha=0.1"],
+    ["objective.strategy=projector", "objective.divergence=null", "objective.projector_prefit_steps=5"],
+    ["data.chat.train_on_prompts=true"],
+])
+def test_feature_terms_the_projector_and_prompt_training_run_on_conversations(tmp_path, overrides):
+    config = chat_config(tmp_path, "training.max_steps=1", *overrides)
+    run_training(config)
+    (record,) = log_records(config.output.run_dir)
+    terms = [key for key in record if key.startswith("loss/")]
+    assert len(terms) >= 2 and all(math.isfinite(record[key]) for key in terms)
