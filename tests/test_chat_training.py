@@ -62,6 +62,7 @@ def test_a_conversational_run_trains_and_evaluates_on_the_responses(tmp_path):
     assert math.isfinite(result.teacher_bpb) and math.isfinite(result.initial_bpb)
     (start,) = log_records(config.output.run_dir, "start")
     assert start["bpb"] == result.initial_bpb
+    assert start["perplexity"] > 1 and start["teacher_perplexity"] > 1  # the untouched student's and the teacher's
     train_records = log_records(config.output.run_dir)
     assert len(train_records) == 2 and all(record["loss/kd"] > 0 for record in train_records)
     write_model_card(result.student_dir, result.run_dir)

@@ -277,7 +277,8 @@ def train(config: Config, resume: str | None = None, debug: bool = False, overwr
           + (f"responses of {len(corpus.heldout_conversations())} conversations)" if corpus.chat is not None
              else f"{len(run.eval_text):,} characters)"))
     unwrapped_student = accelerator.unwrap_model(student.model)
-    teacher_bpb = _heldout_bpb(run, teacher.model, "teacher").bits_per_byte
+    teacher_heldout = _heldout_bpb(run, teacher.model, "teacher")
+    teacher_bpb = teacher_heldout.bits_per_byte
     initial = _heldout_bpb(run, unwrapped_student, "student")
     if main:
         print(f"held-out BPB before: student {initial.bits_per_byte:.4f}, teacher {teacher_bpb:.4f}", flush=True)
@@ -290,6 +291,8 @@ def train(config: Config, resume: str | None = None, debug: bool = False, overwr
                                     initial_step=state.step,
                                     evaluated_steps={record["step"] for record in state.history} if resume else None)
     logbook.record("start", state.step, {"bpb": initial.bits_per_byte, "teacher_bpb": teacher_bpb,
+                                         "perplexity": initial.perplexity,
+                                         "teacher_perplexity": teacher_heldout.perplexity,
                                          "command": shlex.join(sys.argv)})
     windows = corpus.train_windows(start=state.windows_consumed, process_index=accelerator.process_index,
                                    num_processes=accelerator.num_processes, batch_size=training.batch_size)
