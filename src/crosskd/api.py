@@ -21,10 +21,12 @@ from typing import Any
 import torch
 from accelerate import PartialState
 
-from crosskd.config import Config, config_from_dict
+from crosskd.config import ChatConfig, Config, config_from_dict
 from crosskd.config import load_config as load_config_file
 from crosskd.data.stdlib import heldout_text
-from crosskd.evaluate import bits_per_byte, folder_heldout_bpb
+from crosskd.data.chat import Message
+from crosskd.data.chat_windows import ChatRenderer, ChatTemplateError
+from crosskd.evaluate import bits_per_byte, chat_reply, folder_heldout_bpb
 from crosskd.models.loading import load_model
 from crosskd.models.reference import SetupError, ensure_reference_models
 from crosskd.report.model_card import write_model_card
@@ -134,6 +136,16 @@ def cli_eval(args) -> int:
 
 def cli_generate(args) -> int:
     loaded = _load_for_cli(args.model)
+    if args.chat:
+        try:
+            renderer = ChatRenderer(loaded.tokenizer, ChatConfig(system_prompt=args.system,
+                                                                 student_template=args.chat_template), "student")
+        except ChatTemplateError as error:
+            raise SystemExit(f"crosskd generate: {error} (here: --chat-template)") from error
+        print(chat_reply(loaded.model, renderer, (Message("user", args.prompt),), args.max_new_tokens))
+        return 0
+    if args.system or args.chat_template:
+        raise SystemExit("crosskd generate: --system and --chat-template apply to --chat only")
     inputs = loaded.tokenizer(args.prompt, return_tensors="pt")
     with torch.no_grad():
         output = loaded.model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)

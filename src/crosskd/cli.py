@@ -116,6 +116,10 @@ def _add_generate(sub) -> None:
     p.add_argument("model", help="model folder, GGUF file or crosskd checkpoint")
     p.add_argument("prompt", help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--chat", action="store_true",
+                   help="the prompt is a user turn: render it with the model's chat template and print its reply")
+    p.add_argument("--system", help="with --chat: the system turn (default: whatever the template does without one)")
+    p.add_argument("--chat-template", help="with --chat: a template (Jinja text or .jinja file) for a model without one")
     p.set_defaults(handler="crosskd.api:cli_generate")
 
 

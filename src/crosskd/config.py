@@ -45,16 +45,52 @@ class TeacherConfig:
     cache_dir: str | None = None  # default: <output.run_dir>/teacher-cache
 
 
+DATA_FORMATS = ("text", "messages", "prompt-completion")
+# The built-in instruction set (data/stdlib_chat.py); `python-stdlib-chat:<pattern>` keeps the files matching it.
+STDLIB_CHAT_SOURCE = "python-stdlib-chat"
+
+
+def is_stdlib_chat_source(source: str) -> bool:
+    return source.partition(":")[0] == STDLIB_CHAT_SOURCE
+
+
+@dataclass
+class ChatConfig:
+    """How conversational rows are read and rendered (data.format `messages` or `prompt-completion`; docs/CHAT.md)."""
+
+    messages_field: str = "messages"  # messages rows: a list of {role, content} turns
+    prompt_field: str = "prompt"  # prompt-completion rows: each a string or a list of turns
+    completion_field: str = "completion"
+    role_field: str = "role"
+    content_field: str = "content"
+    # The system turn of a conversation that has none. null: none is added, and each chat template does what it does
+    # then (Qwen2.5's and SmolLM2's insert their own default system prompts, which differ); a string (even "") is added
+    # as the system turn, so both models see the same one.
+    system_prompt: str | None = None
+    # false: the loss is on the assistant turns only (and each model's end-of-turn token); true: every position.
+    train_on_prompts: bool = False
+    # A chat template (Jinja text, or the path of a .jinja file) for a tokenizer that has none or to replace its own;
+    # null: the tokenizer's `chat_template`.
+    student_template: str | None = None
+    teacher_template: str | None = None
+
+
 @dataclass
 class DataConfig:
-    # `python-stdlib`, a text file / folder / glob, a .jsonl or .parquet file, or a datasets folder.
+    # `python-stdlib`, `python-stdlib-chat` (format messages), a text file / folder / glob, a .jsonl or .parquet
+    # file, a datasets folder, builder:files or hub:<dataset id>.
     source: str = "python-stdlib"
+    # text: one text field per row (plain text); messages / prompt-completion: conversations (data.chat).
+    format: str = "text"
     text_field: str = "text"
+    chat: ChatConfig = field(default_factory=ChatConfig)
     window_tokens: int = 256
-    # Documents named here form the held-out split; with none, `eval_fraction` of the documents (seeded) does.
+    # Documents named here form the held-out split (a conversation also by its file or module: all its rows); with
+    # none, `eval_fraction` of the documents (seeded) does.
     heldout_documents: list[str] = field(default_factory=lambda: list(HELDOUT_FILES))
     eval_fraction: float = 0.0
-    # The held-out text is the concatenation of the held-out documents cut to this many characters (null: all).
+    # The held-out text is the concatenation of the held-out documents cut to this many characters (null: all);
+    # held-out conversations are taken in order while their turns total at most this many characters.
     eval_max_chars: int | None = HELDOUT_CHARS
     seed: int = 0
     # Train on only the first this many windows of the training stream (null: all of it), repeated every epoch in a
@@ -347,6 +383,10 @@ def validate(config: Config) -> None:
     check_choice(config.optimizer.scheduler, ("cosine", "constant"), "optimizer.scheduler")
     check_choice(config.teacher.source, ("online", "cache"), "teacher.source")
     check_choice(config.objective.kd_balance, KD_BALANCES, "objective.kd_balance")
+    check_choice(config.data.format, DATA_FORMATS, "data.format")
+    if is_stdlib_chat_source(config.data.source) and config.data.format != "messages":
+        raise ConfigError(f"data.source {config.data.source!r} is a set of conversations: set data.format=messages "
+                          f"(data.format is {config.data.format!r})")
     if config.data.max_train_windows is not None and config.data.max_train_windows < 1:
         raise ConfigError(f"data.max_train_windows must be at least 1 or null (all windows), got "
                           f"{config.data.max_train_windows}")

@@ -261,8 +261,8 @@ def estimate_components(config: Config, teacher: ArchitectureFacts, student: Arc
                                 f"[{vocab:,}, {student.hidden_size}] float32: the gradient and one chunk's "
                                 "contribution, the first the backward writes"))
     if device == "cpu":
-        runtime = host_baseline_bytes(config.models.teacher, config.models.student, config.data.source,
-                                      config.data.text_field)
+        runtime = host_baseline_bytes(config.models.teacher, config.models.student,
+                                      json.dumps(dataclasses.asdict(config.data)))
         components.append(Component("host runtime (measured)", runtime, STATIC,
                                     "RSS of a fresh process with the trainer's imports, both tokenizers and the "
                                     "corpus documents"))
@@ -270,22 +270,23 @@ def estimate_components(config: Config, teacher: ArchitectureFacts, student: Arc
 
 
 _HOST_BASELINE = """
-import sys, psutil
+import json, sys, psutil
 import crosskd.train.recipe  # every module a training run imports
-from crosskd.data.sources import load_documents
+from crosskd.config import config_from_dict
+from crosskd.data.corpus import load_corpus_documents
 from crosskd.models.loading import load_tokenizer
-teacher, student, source, text_field = sys.argv[1:5]
+teacher, student, data = sys.argv[1:4]
 kept = (load_tokenizer(teacher, "teacher"), load_tokenizer(student, "student"),
-        load_documents(source, text_field=text_field))
+        load_corpus_documents(config_from_dict({"data": json.loads(data)}).data))
 print(psutil.Process().memory_info().rss)
 """
 
 
 @functools.cache
-def host_baseline_bytes(teacher: str, student: str, source: str, text_field: str) -> int:
+def host_baseline_bytes(teacher: str, student: str, data: str) -> int:
     """The resident memory a CPU run holds before any weight: measured in a fresh interpreter, because this one's
-    RSS holds whatever its caller has loaded."""
-    out = subprocess.run([sys.executable, "-c", _HOST_BASELINE, teacher, student, source, text_field],
+    RSS holds whatever its caller has loaded. `data`: the config's data section as JSON (the corpus it reads)."""
+    out = subprocess.run([sys.executable, "-c", _HOST_BASELINE, teacher, student, data],
                          capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"measuring the host baseline failed:\n{out.stderr[-2000:]}")

@@ -45,8 +45,13 @@ def _next_token_keys(encoded: EncodedText) -> tuple[np.ndarray, np.ndarray]:
 
 def align(student: EncodedText, teacher: EncodedText) -> AlignedPairs:
     """Every (student position, teacher position) pair about to predict from the same byte."""
-    student_keys, student_positions = _next_token_keys(student)
-    teacher_keys, teacher_positions = _next_token_keys(teacher)
+    return pairs_of_keys(student, teacher, *_next_token_keys(student), *_next_token_keys(teacher))
+
+
+def pairs_of_keys(student: EncodedText, teacher: EncodedText, student_keys: np.ndarray, student_positions: np.ndarray,
+                  teacher_keys: np.ndarray, teacher_positions: np.ndarray) -> AlignedPairs:
+    """The pairs of positions with equal keys, where each side's keys are unique and increase with position (what
+    each side is about to predict, e.g. `_next_token_keys`)."""
     _, student_index, teacher_index = np.intersect1d(
         student_keys, teacher_keys, assume_unique=True, return_indices=True
     )

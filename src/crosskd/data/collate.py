@@ -56,6 +56,12 @@ def collate_windows(windows: Sequence[DualWindow], teacher_pad_id: int, student_
     targets[:, :-1] = student_ids[:, 1:]
     targets[:, :-1][student_mask[:, 1:] == 0] = IGNORE_INDEX
     pairs = [window.pairs for window in windows]
+    loss_mask = None
+    if any(window.student_loss_mask is not None for window in windows):
+        loss_mask = torch.zeros_like(student_ids, dtype=torch.bool)  # padding is never trained
+        for row, window in enumerate(windows):
+            trained = window.student_loss_mask
+            loss_mask[row, : len(window.student_ids)] = True if trained is None else torch.from_numpy(trained)
 
     def flat(column: str) -> torch.Tensor:
         return torch.from_numpy(np.concatenate([getattr(p, column) for p in pairs]).astype(np.int64))
@@ -72,4 +78,5 @@ def collate_windows(windows: Sequence[DualWindow], teacher_pad_id: int, student_
         pair_student_next_bytes=flat("student_next_bytes"),
         pair_teacher_next_bytes=flat("teacher_next_bytes"),
         text_bytes=torch.tensor([window.text_bytes for window in windows], dtype=torch.int64),
+        student_loss_mask=loss_mask,
     )

@@ -1,9 +1,11 @@
 """Text sources: where documents come from, and the deterministic train/eval split.
 
 A source is one string: `python-stdlib`, a text file, a folder (recursive), a glob, a `.jsonl` or `.parquet` file
-with a named text field, a Hugging Face `datasets` dataset saved with `save_to_disk`, or `json:`/`text:`/`parquet:`
-followed by local file patterns, built with that `datasets` builder. Documents are streamed one at a time
-(`iter_documents`); invalid UTF-8 is replaced and reported in one warning per source.
+with a named text field, a Hugging Face `datasets` dataset saved with `save_to_disk`, `json:`/`text:`/`parquet:`
+followed by local file patterns, built with that `datasets` builder, or `hub:<dataset id>` (the Hugging Face hub,
+where the machine can reach it). Documents are streamed one at a time (`iter_documents`); invalid UTF-8 is replaced
+and reported in one warning per source. Row-based sources (everything but the stdlib and plain text files) also give
+their rows whole (`iter_records`), which is what conversations are read from (data/chat.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from crosskd.data import stdlib
 
 STDLIB_SOURCE = "python-stdlib"
 DATASETS_BUILDERS = ("json", "text", "parquet")
+HUB_PREFIX = "hub:"
+ROW_FILE_SUFFIXES = (".jsonl", ".parquet")
 _REPLACEMENT_CHARACTER = "\ufffd"
 _ENCODED_REPLACEMENT_CHARACTER = _REPLACEMENT_CHARACTER.encode("utf-8")
 _BINARY_SNIFF_BYTES = 8192
@@ -29,6 +33,16 @@ _BINARY_SNIFF_BYTES = 8192
 class Document:
     name: str
     text: str
+
+
+@dataclass(frozen=True)
+class Record:
+    """One row of a row-based source: where it is (`file:line`, `file#row`, `dataset[split]#row`), the file or
+    dataset it belongs to, and its fields."""
+
+    where: str
+    group: str
+    fields: dict
 
 
 class _InvalidUtf8Tally:
@@ -88,14 +102,12 @@ def _documents_of(source: str, text_field: str, split: str | None, tally: _Inval
         for path in stdlib.stdlib_files(root):
             yield Document(path.relative_to(root).as_posix(), tally.decode(path.read_bytes(), str(path)))
         return
-    builder, _, data_files = source.partition(":")
-    if builder in DATASETS_BUILDERS and data_files:
-        yield from _built_dataset_documents(builder, data_files, text_field, split or "train")
+    dataset = _dataset_of(source, split)
+    if dataset is not None:
+        yield from _dataset_rows(*dataset, text_field)
         return
     path = Path(source).expanduser()
-    if path.is_dir() and _is_saved_dataset(path):
-        yield from _saved_dataset_documents(path, text_field, split)
-    elif path.is_dir():
+    if path.is_dir():
         for file in sorted(p for p in path.rglob("*") if p.is_file() and not _is_hidden(p.relative_to(path))):
             yield from _file_documents(file, file.relative_to(path).as_posix(), text_field, tally)
     elif path.is_file():
@@ -105,10 +117,64 @@ def _documents_of(source: str, text_field: str, split: str | None, tally: _Inval
             if Path(name).is_file():
                 yield from _file_documents(Path(name), name, text_field, tally)
     else:
-        raise FileNotFoundError(
-            f"source {source!r} does not exist: it is not {STDLIB_SOURCE!r}, an existing file or folder, a glob, or "
-            f"builder:files with a builder in {DATASETS_BUILDERS}; check the path (relative to {Path.cwd()})"
+        raise _missing_source_error(source)
+
+
+def _missing_source_error(source: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"source {source!r} does not exist: it is not {STDLIB_SOURCE!r}, an existing file or folder, a glob, "
+        f"builder:files with a builder in {DATASETS_BUILDERS}, or {HUB_PREFIX}<dataset id>; check the path (relative "
+        f"to {Path.cwd()})"
+    )
+
+
+def _dataset_of(source: str, split: str | None):
+    """(dataset, where) when `source` names a `datasets` dataset (built from files, saved on disk, on the hub),
+    else None."""
+    builder, _, data_files = source.partition(":")
+    if source.startswith(HUB_PREFIX):
+        return _hub_dataset(source[len(HUB_PREFIX):], split or "train")
+    if builder in DATASETS_BUILDERS and data_files:
+        return _built_dataset(builder, data_files, split or "train")
+    path = Path(source).expanduser()
+    if path.is_dir() and _is_saved_dataset(path):
+        return _saved_dataset(path, split)
+    return None
+
+
+def iter_records(source: str, split: str | None = None) -> Iterator[Record]:
+    """The rows of a row-based source one at a time: `.jsonl` / `.parquet` files (a file, a folder of them, a glob)
+    or a `datasets` dataset; other files in a folder are left out, a source of another kind is an error."""
+    dataset = _dataset_of(source, split)
+    if dataset is not None:
+        dataset, where = dataset
+        for row, fields in enumerate(dataset):
+            yield Record(f"{where}#{row}", where, fields)
+        return
+    tally = _InvalidUtf8Tally()
+    path = Path(source).expanduser()
+    if source == STDLIB_SOURCE or path.is_file() and path.suffix not in ROW_FILE_SUFFIXES:
+        raise ValueError(
+            f"source {source!r} has no rows: conversations are read from {' or '.join(ROW_FILE_SUFFIXES)} files, a "
+            f"`datasets` folder, builder:files or {HUB_PREFIX}<dataset id>; convert the data to JSONL (one object a "
+            "line), or set data.format=text to train on it as plain text"
         )
+    if path.is_dir():
+        files = [(p, p.relative_to(path).as_posix()) for p in sorted(path.rglob("*"))
+                 if p.is_file() and not _is_hidden(p.relative_to(path))]
+    elif path.is_file():
+        files = [(path, source)]
+    elif glob.has_magic(source):
+        files = [(Path(name), name) for name in sorted(glob.glob(str(path), recursive=True)) if Path(name).is_file()]
+    else:
+        raise _missing_source_error(source)
+    for file, name in files:
+        if file.suffix == ".jsonl":
+            for where, fields in _jsonl_records(file, name, tally):
+                yield Record(where, name, fields)
+        elif file.suffix == ".parquet":
+            yield from _parquet_records(file, name)
+    tally.warn(source)
 
 
 def _is_hidden(relative: Path) -> bool:
@@ -137,20 +203,26 @@ def _missing_field_error(text_field: str, where: str, available: Sequence[str]) 
     )
 
 
-def _jsonl_documents(path: Path, name: str, text_field: str, tally: _InvalidUtf8Tally) -> Iterator[Document]:
-    """One document per JSON line, read line by line so that a huge file is never held whole."""
+def _jsonl_records(path: Path, name: str, tally: _InvalidUtf8Tally) -> Iterator[tuple[str, object]]:
+    """(`name:line`, the parsed JSON value) per non-blank line, read line by line so that a huge file is never held
+    whole."""
     with path.open("rb") as file:
         for line_number, raw_line in enumerate(file, start=1):
             if not raw_line.strip():
                 continue
             where = f"{name}:{line_number}"
             try:
-                record = json.loads(tally.decode(raw_line, where))
+                yield where, json.loads(tally.decode(raw_line, where))
             except json.JSONDecodeError as error:
                 raise ValueError(f"{where} is not valid JSON ({error}); each line of a .jsonl file is one object")
-            if not isinstance(record, dict) or text_field not in record:
-                raise _missing_field_error(text_field, where, record.keys() if isinstance(record, dict) else [])
-            yield Document(where, _require_text(record[text_field], text_field, where))
+
+
+def _jsonl_documents(path: Path, name: str, text_field: str, tally: _InvalidUtf8Tally) -> Iterator[Document]:
+    """One document per JSON line."""
+    for where, record in _jsonl_records(path, name, tally):
+        if not isinstance(record, dict) or text_field not in record:
+            raise _missing_field_error(text_field, where, record.keys() if isinstance(record, dict) else [])
+        yield Document(where, _require_text(record[text_field], text_field, where))
 
 
 def _require_text(value, text_field: str, where: str) -> str:
@@ -174,29 +246,52 @@ def _parquet_documents(path: Path, name: str, text_field: str) -> Iterator[Docum
             row += 1
 
 
+def _parquet_records(path: Path, name: str) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for fields in batch.to_pylist():
+            yield Record(f"{name}#{row}", name, fields)
+            row += 1
+
+
 def _is_saved_dataset(path: Path) -> bool:
     """A folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
     return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
-def _saved_dataset_documents(path: Path, text_field: str, split: str | None) -> Iterator[Document]:
+def _saved_dataset(path: Path, split: str | None):
     import datasets
 
     dataset = datasets.load_from_disk(str(path))
     if isinstance(dataset, datasets.DatasetDict):
         split = _choose_split(list(dataset), split, str(path))
         dataset = dataset[split]
-    yield from _dataset_rows(dataset, text_field, f"{path}[{split}]" if split else str(path))
+    return dataset, f"{path}[{split}]" if split else str(path)
 
 
-def _built_dataset_documents(builder: str, data_files: str, text_field: str, split: str) -> Iterator[Document]:
+def _built_dataset(builder: str, data_files: str, split: str):
     import datasets
 
     files = sorted(glob.glob(data_files, recursive=True))
     if not files:
         raise FileNotFoundError(f"{builder}:{data_files} matches no files; check the pattern (relative to {Path.cwd()})")
-    dataset = datasets.load_dataset(builder, data_files={split: files}, split=split)
-    yield from _dataset_rows(dataset, text_field, f"{builder}:{data_files}[{split}]")
+    return datasets.load_dataset(builder, data_files={split: files}, split=split), f"{builder}:{data_files}[{split}]"
+
+
+def _hub_dataset(dataset_id: str, split: str):
+    """A dataset of the Hugging Face hub; a machine that cannot reach it (or its local cache) gets a clear error."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(dataset_id, split=split), f"{HUB_PREFIX}{dataset_id}[{split}]"
+    except Exception as error:  # offline: ConnectionError, OSError or datasets' own errors, depending on the version
+        raise FileNotFoundError(
+            f"{HUB_PREFIX}{dataset_id} could not be loaded ({type(error).__name__}: {error}); this machine may not "
+            "reach the Hugging Face hub. Download it where the hub is reachable and save it with "
+            "`datasets.load_dataset(...).save_to_disk(folder)` (then data.source=<folder>), or export it to JSONL"
+        ) from error
 
 
 def _choose_split(available: list[str], split: str | None, where: str) -> str:
@@ -207,7 +302,7 @@ def _choose_split(available: list[str], split: str | None, where: str) -> str:
     return split
 
 
-def _dataset_rows(dataset, text_field: str, where: str) -> Iterator[Document]:
+def _dataset_rows(dataset, where: str, text_field: str) -> Iterator[Document]:
     if text_field not in dataset.column_names:
         raise _missing_field_error(text_field, where, dataset.column_names)
     for row, record in enumerate(dataset.select_columns([text_field])):

@@ -31,7 +31,9 @@ class DualWindow:
     student_ids: np.ndarray  # int64 [N]
     teacher_ids: np.ndarray  # int64 [M], M varies with the text
     pairs: AlignedPairs
-    text_bytes: int  # UTF-8 bytes of text the student's tokens cover (separators have none)
+    text_bytes: int  # UTF-8 bytes of text the student's tokens cover (separators have none; conversations: responses)
+    # bool [N]: the positions whose next token is trained (None: all), e.g. the responses of a conversation
+    student_loss_mask: np.ndarray | None = None
 
 
 def separator_id(tokenizer) -> int:

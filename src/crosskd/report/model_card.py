@@ -41,7 +41,7 @@ tokenizer and learns from a teacher whose tokenizer differs.
 
 - **Base student:** `{student}`
 - **Teacher:** `{teacher}`
-- **Data:** `{data.get('source')}`, windows of {data.get('window_tokens')} student tokens
+- **Data:** `{data.get('source')}`, {_data_shape(data)}
 - **Method:** `{objective.get('strategy')}` vocabulary transfer, divergence `{objective.get('divergence')}`, KD weight
   {objective.get('kd_alpha')} on the teacher's top-{objective.get('kd_top_k')}, LM weight {objective.get('lm_alpha')}
 
@@ -67,6 +67,14 @@ The resolved configuration of the run (`config.yaml` in its run folder; `crosskd
 {yaml.safe_dump(run.config, sort_keys=False).strip()}
 ```
 """
+
+
+def _data_shape(data: dict) -> str:
+    """How the run read its data: windows of text, or conversations (whose BPB is on the responses only)."""
+    if data.get("format", "text") == "text":
+        return f"windows of {data.get('window_tokens')} student tokens"
+    return (f"`{data['format']}` conversations of at most {data.get('window_tokens')} student tokens, each model "
+            "rendering them with its own chat template; loss and held-out BPB on the responses only")
 
 
 def _is_hub_id(spec: str | None) -> bool:

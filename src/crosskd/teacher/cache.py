@@ -26,8 +26,7 @@ from tqdm.auto import tqdm
 
 from crosskd.config import Config, require_cacheable_terms
 from crosskd.data.collate import DualBatch, collate_windows
-from crosskd.data.corpus import TrainingCorpus, windows_per_step
-from crosskd.data.sources import load_documents
+from crosskd.data.corpus import TrainingCorpus, load_corpus_documents, windows_per_step
 from crosskd.models.loading import load_model, load_tokenizer
 from crosskd.models.precision import MixedPrecision
 from crosskd.teacher.cache_format import (
@@ -208,8 +207,7 @@ def write_teacher_cache(config: Config, needs: TeacherNeeds, with_preparation: b
     budget = Budget(config.training.max_steps, config.training.epochs, step_windows,
                     corpus.optimizer_steps(config.training, step_windows) * step_windows)
     layout = run_layout(config, needs, teacher)
-    fingerprint = run_fingerprint(config, needs, teacher, student_tokenizer,
-                                  load_documents(config.data.source, text_field=config.data.text_field))
+    fingerprint = run_fingerprint(config, needs, teacher, student_tokenizer, load_corpus_documents(config.data))
 
     def plan() -> Iterator[tuple[str, DualBatch]]:
         return planned_batches(config, corpus, teacher.vocab.pad_id, budget, with_preparation)
@@ -386,8 +384,7 @@ def open_teacher_cache(config: Config, needs: TeacherNeeds, teacher, student_tok
         done = index["shards"][-1]["micro_batches"][1] if index["shards"] else 0
         raise TeacherCacheError(f"the teacher cache {cache_dir} is incomplete ({done} of "
                                 f"{index['plan']['micro_batches']} micro-batches). {rerun} again: it resumes")
-    expected = run_fingerprint(config, needs, teacher, student_tokenizer,
-                               load_documents(config.data.source, text_field=config.data.text_field))
+    expected = run_fingerprint(config, needs, teacher, student_tokenizer, load_corpus_documents(config.data))
     difference = fingerprint_difference(index["fingerprint"], expected)
     if difference:
         raise TeacherCacheError(f"the teacher cache {cache_dir} was written for another run: {difference}. {rerun} "

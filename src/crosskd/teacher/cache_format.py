@@ -17,6 +17,7 @@ Stored per teacher token (each window's real teacher tokens, `window_token_offse
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -27,8 +28,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from crosskd.config import Config
+from crosskd.config import ChatConfig, Config
+from crosskd.data.chat_windows import chat_template_of
 from crosskd.data.collate import DualBatch
+from crosskd.data.corpus import TEXT_FORMAT
 from crosskd.data.sources import Document
 from crosskd.losses.target import TopKTarget
 from crosskd.teacher.online import TeacherNeeds, TeacherSignal
@@ -224,6 +227,14 @@ class CacheLayout:
 
 DATA_KEYS = ("source", "text_field", "window_tokens", "heldout_documents", "eval_fraction", "eval_max_chars", "seed",
              "max_train_windows")
+# Conversational runs only (absent from a plain-text run's fingerprint, so caches written before them still serve):
+# the row format, how rows are read and rendered, which positions are trained, and each model's chat template.
+CHAT_FINGERPRINT_FIELDS = {
+    "data.format": "data.format",
+    **{f"data.chat.{field.name}": f"data.chat.{field.name}" for field in dataclasses.fields(ChatConfig)},
+    "student_chat_template": "the student's chat template (its tokenizer's, or data.chat.student_template)",
+    "teacher_chat_template": "the teacher's chat template (its tokenizer's, or data.chat.teacher_template)",
+}
 # Fingerprint fields that must be equal, each with what changes it. Fields named like config keys are those keys.
 FINGERPRINT_FIELDS = {
     "format": "the cache format of this crosskd version",
@@ -234,15 +245,28 @@ FINGERPRINT_FIELDS = {
     "student_tokenizer": "models.student (its tokenizer decides the windows and the aligned pairs)",
     "corpus_text": "the documents of data.source (their text changed)",
     **{f"data.{key}": f"data.{key}" for key in DATA_KEYS},
+    **CHAT_FINGERPRINT_FIELDS,
     "training.mixed_precision": "training.mixed_precision (the teacher runs under the run's autocast)",
     "objective.kd_top_k": "objective.kd_top_k",
     "signal": "objective.strategy and its options (what the vocabulary transfer reads of the teacher)",
 }
 
 
+def chat_fingerprint(config: Config, teacher_tokenizer, student_tokenizer) -> dict:
+    """The conversational fields of a run's fingerprint (none for plain text)."""
+    data = config.data
+    if data.format == TEXT_FORMAT:
+        return {}
+    templates = {f"{role}_chat_template": hashlib.sha256(
+        chat_template_of(tokenizer, getattr(data.chat, f"{role}_template"), role).encode("utf-8")).hexdigest()
+        for role, tokenizer in (("student", student_tokenizer), ("teacher", teacher_tokenizer))}
+    return {"data.format": data.format,
+            **{f"data.chat.{key}": value for key, value in dataclasses.asdict(data.chat).items()}, **templates}
+
+
 def run_fingerprint(config: Config, needs: TeacherNeeds, teacher, student_tokenizer, documents: list[Document]) -> dict:
     """The fingerprint of the teacher signal a run reads (`needs`, of its vocabulary transfer). `teacher` is a loaded
-    teacher (crosskd.models.loading)."""
+    teacher (crosskd.models.loading); `documents` are the corpus's documents or conversations."""
     return {
         "format": FORMAT_VERSION,
         "teacher": config.models.teacher,  # informative only: a moved folder is the same teacher
@@ -253,6 +277,7 @@ def run_fingerprint(config: Config, needs: TeacherNeeds, teacher, student_tokeni
         "student_tokenizer": tokenizer_hash(student_tokenizer),
         "corpus_text": documents_hash(documents),
         **{f"data.{key}": getattr(config.data, key) for key in DATA_KEYS},
+        **chat_fingerprint(config, teacher.tokenizer, student_tokenizer),
         "training.mixed_precision": config.training.mixed_precision,
         "objective.kd_top_k": config.objective.kd_top_k,
         "signal": layout_signal(needs),

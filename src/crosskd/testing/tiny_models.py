@@ -4,6 +4,7 @@
 - teacher: a Qwen2-MoE (4 experts, top-2) on a 700-entry byte-level BPE whose vocabulary, like the GGUF-converted
   Qwen tokenizer, lists `[PAD<id>]` tokens as ordinary entries, and whose output layer is wider still: both kinds of
   padded ids that crosskd must detect and mask.
+- each tokenizer has its own chat template (testing/tiny_tokenizers.py), as an instruct pair has.
 
 Weights depend only on the seed (the global RNG is left untouched).
 """
@@ -22,9 +23,14 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 
 from crosskd.models.cache import resolve_cache_dir
 from crosskd.models.loading import register_named_pair
-from crosskd.testing.tiny_tokenizers import byte_level_bpe
+from crosskd.testing.tiny_tokenizers import (
+    STUDENT_CHAT_TEMPLATE,
+    TEACHER_CHAT_TEMPLATE,
+    byte_level_bpe,
+    with_chat_template,
+)
 
-TINY_MODELS_SUBDIR = "tiny-v1"  # bump when this module changes, so stale folders are not reused
+TINY_MODELS_SUBDIR = "tiny-v2"  # bump when this module changes, so stale folders are not reused
 
 STUDENT_VOCAB = 300
 TEACHER_VOCAB = 700
@@ -51,9 +57,11 @@ def with_named_padding(tokenizer: PreTrainedTokenizerFast, count: int) -> PreTra
     for token_id in range(first, first + count):
         vocab[f"[PAD{token_id}]"] = token_id
     padded = Tokenizer.from_str(json.dumps(spec))
-    return PreTrainedTokenizerFast(
+    copy = PreTrainedTokenizerFast(
         tokenizer_object=padded, eos_token=tokenizer.eos_token, pad_token=tokenizer.pad_token, unk_token=None
     )
+    copy.chat_template = tokenizer.chat_template
+    return copy
 
 
 def tiny_llama_student(tokenizer, seed: int = 0) -> LlamaForCausalLM:
@@ -94,11 +102,12 @@ def tiny_qwen2_moe_teacher(tokenizer, seed: int = 0) -> Qwen2MoeForCausalLM:
 
 
 def tiny_teacher_tokenizer() -> PreTrainedTokenizerFast:
-    return with_named_padding(byte_level_bpe(TEACHER_VOCAB), TEACHER_NAMED_PADDING)
+    return with_named_padding(with_chat_template(byte_level_bpe(TEACHER_VOCAB), TEACHER_CHAT_TEMPLATE),
+                              TEACHER_NAMED_PADDING)
 
 
 def tiny_student_tokenizer() -> PreTrainedTokenizerFast:
-    return byte_level_bpe(STUDENT_VOCAB)
+    return with_chat_template(byte_level_bpe(STUDENT_VOCAB), STUDENT_CHAT_TEMPLATE)
 
 
 def materialize_tiny_pair(root: str | os.PathLike) -> tuple[Path, Path]:

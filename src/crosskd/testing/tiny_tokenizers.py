@@ -33,6 +33,23 @@ TRAINING_CORPUS = (
 )
 
 
+# Two chat templates that differ the way real ones do (markers, layout, default system prompts), both ending a turn
+# with the special `<|endoftext|>`: the tiny student renders conversations with the first, the tiny teacher with the
+# second.
+STUDENT_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' %}{{ '<|system|>\nYou are a tiny student.<|endoftext|>\n' }}{% endif %}"
+    "{%- for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|endoftext|>\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+TEACHER_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' %}"
+    "{{ '### System:\nYou are the tiny teacher, made for tests.<|endoftext|>\n\n' }}{% endif %}"
+    "{%- for message in messages %}"
+    "{{ '### ' + message['role'] | capitalize + ':\n' + message['content'] + '<|endoftext|>\n\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{ '### Assistant:\n' }}{% endif %}"
+)
+
+
 def _train(tokenizer: Tokenizer, trainer: trainers.Trainer) -> Tokenizer:
     # Repeat the corpus so frequent pairs dominate and merges are stable rather than decided by single occurrences.
     tokenizer.train_from_iterator(list(TRAINING_CORPUS) * 4, trainer=trainer)
@@ -99,6 +116,13 @@ def sentencepiece_like(vocab_size: int = 400) -> PreTrainedTokenizerFast:
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
     return _wrap(result)
+
+
+def with_chat_template(tokenizer: PreTrainedTokenizerFast, template: str) -> PreTrainedTokenizerFast:
+    """A copy of `tokenizer` (the cached one is left as it is) that renders conversations with `template`."""
+    copy = _wrap(Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()))
+    copy.chat_template = template
+    return copy
 
 
 # The three tokenizers tests pair up: two byte-level BPEs that disagree on boundaries, and a byte-fallback one.

@@ -31,7 +31,7 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_
 from crosskd.config import Config, config_differences
 from crosskd.data.collate import collate_windows
 from crosskd.data.corpus import TrainingCorpus, windows_per_step
-from crosskd.evaluate import bits_per_byte
+from crosskd.evaluate import BPBResult, bits_per_byte, chat_reply, responses_bits_per_byte
 from crosskd.losses.selection import step_counts
 from crosskd.models.loading import LoadedModel, load_model
 from crosskd.models.precision import MixedPrecision
@@ -273,11 +273,13 @@ def train(config: Config, resume: str | None = None, debug: bool = False, overwr
 
     # --- evaluation before training -------------------------------------------------------------------------------
     run.eval_text = corpus.eval_text()
-    phase(f"measuring held-out bits per byte of teacher and student ({len(run.eval_text):,} characters)")
+    phase("measuring held-out bits per byte of teacher and student ("
+          + (f"responses of {len(corpus.heldout_conversations())} conversations)" if corpus.chat is not None
+             else f"{len(run.eval_text):,} characters)"))
     unwrapped_student = accelerator.unwrap_model(student.model)
-    teacher_bpb = bits_per_byte(teacher.model, teacher.tokenizer, run.eval_text,
-                                accelerator=accelerator).bits_per_byte
-    initial = bits_per_byte(unwrapped_student, student.tokenizer, run.eval_text, accelerator=accelerator)
+    teacher_heldout = _heldout_bpb(run, teacher.model, "teacher")
+    teacher_bpb = teacher_heldout.bits_per_byte
+    initial = _heldout_bpb(run, unwrapped_student, "student")
     if main:
         print(f"held-out BPB before: student {initial.bits_per_byte:.4f}, teacher {teacher_bpb:.4f}", flush=True)
     if state.best_bpb is None:
@@ -289,6 +291,8 @@ def train(config: Config, resume: str | None = None, debug: bool = False, overwr
                                     initial_step=state.step,
                                     evaluated_steps={record["step"] for record in state.history} if resume else None)
     logbook.record("start", state.step, {"bpb": initial.bits_per_byte, "teacher_bpb": teacher_bpb,
+                                         "perplexity": initial.perplexity,
+                                         "teacher_perplexity": teacher_heldout.perplexity,
                                          "command": shlex.join(sys.argv)})
     windows = corpus.train_windows(start=state.windows_consumed, process_index=accelerator.process_index,
                                    num_processes=accelerator.num_processes, batch_size=training.batch_size)
@@ -415,6 +419,8 @@ def train(config: Config, resume: str | None = None, debug: bool = False, overwr
                   f"resume with: crosskd train {run_dir / CONFIG_FILE} --resume", file=sys.stderr, flush=True)
         logbook.close()
         raise
+    if main and corpus.chat is not None:
+        _log_replies(run)
     logbook.close()
 
     # --- export the best student, not the last --------------------------------------------------------------------
@@ -457,11 +463,39 @@ def _sum_over_processes(values: dict[str, float], accelerator) -> dict[str, floa
     return dict(zip(names, accelerator.reduce(shares, reduction="sum").tolist()))
 
 
+SAMPLE_CONVERSATIONS = 3  # held-out conversations whose first reply the trained student writes into the log
+SAMPLE_TOKENS = 64
+
+
+def _log_replies(run: Run) -> None:
+    """The final student's greedy reply to the first request of a few held-out conversations, beside the answer
+    (log.jsonl kind `sample`, and the console): a look at what responses-only BPB measures."""
+    model = run.accelerator.unwrap_model(run.student.model)
+    renderer = run.corpus.chat.student
+    for conversation in run.corpus.heldout_documents[:SAMPLE_CONVERSATIONS]:
+        first_reply = conversation.responses[0]
+        request = conversation.messages[:first_reply]
+        reply = chat_reply(model, renderer, request, SAMPLE_TOKENS)
+        run.logbook.record("sample", run.state.step, {"conversation": conversation.name, "request": request[-1].content,
+                                                      "reply": reply,
+                                                      "answer": conversation.messages[first_reply].content})
+        run.logbook.line(f"sample {conversation.name}: {reply[:200]!r}")
+
+
+def _heldout_bpb(run: Run, model, side: str) -> BPBResult:
+    """Held-out BPB of the `side` ("student" or "teacher") model: on the held-out text, or on the responses of the
+    held-out conversations, each model reading its own rendering."""
+    if run.corpus.chat is not None:
+        return responses_bits_per_byte(model, run.corpus.heldout_sequences(side), accelerator=run.accelerator)
+    tokenizer = getattr(run, side).tokenizer
+    return bits_per_byte(model, tokenizer, run.eval_text, accelerator=run.accelerator)
+
+
 def _evaluate(run: Run, weights: dict[str, float], tau: float) -> bool:
     """Held-out BPB from the LM loss alone, plus knowledge retention; returns True when early stopping triggers."""
     config, state, accelerator = run.config, run.state, run.accelerator
     unwrapped = accelerator.unwrap_model(run.student.model)
-    result = bits_per_byte(unwrapped, run.student.tokenizer, run.eval_text, accelerator=accelerator)
+    result = _heldout_bpb(run, unwrapped, "student")
     retention = run.objective.evaluate_retention(
         run.corpus.eval_batches(config.training.batch_size, accelerator.device), weights, tau)
     record = {"bpb": result.bits_per_byte, "perplexity": result.perplexity, **retention}

@@ -410,14 +410,19 @@ class ProjectorTransfer(DivergenceTransfer):
         for batch in batches:
             signal = signal_of(batch)
             hidden = student_model(**student_forward_kwargs(batch)).hidden_states[-1]
-            rows = hidden[batch.pair_batch, batch.pair_student_pos]
-            next_ids = batch.student_targets[batch.pair_batch, batch.pair_student_pos]
+            # The pre-fit learns from the pairs the run trains: a loss mask (the prompts of conversations) removes
+            # the others, as it does from every term.
+            trained = (slice(None) if batch.student_loss_mask is None
+                       else batch.student_loss_mask[batch.pair_batch, batch.pair_student_pos])
+            pair_batch, pair_student_pos = batch.pair_batch[trained], batch.pair_student_pos[trained]
+            rows = hidden[pair_batch, pair_student_pos]
+            next_ids = batch.student_targets[pair_batch, pair_student_pos]
             logits = student_model.get_output_embeddings()(rows).float()
             nll.append(F.cross_entropy(logits, next_ids, reduction="none"))
-            features.append(self.teacher_features(signal))
+            features.append(self.teacher_features(signal, trained))
             targets.append(next_ids)
             hidden_rows.append(rows.float())
-            after_sinks.append(after_sink(batch.pair_teacher_pos))
+            after_sinks.append(after_sink(batch.pair_teacher_pos[trained]))
         return PrefitPairs(*(torch.cat(parts) for parts in (features, after_sinks, targets, hidden_rows)),
                            torch.cat(nll).mean().item())
 
