@@ -57,6 +57,8 @@ def _add_train(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="delete output.run_dir first when it holds another run (without it such a folder is refused)")
     p.add_argument("--debug", action="store_true", help="print raw and weighted loss components and check their sum")
+    p.add_argument("--no-doctor", action="store_true",
+                   help="skip the fast checks of `crosskd doctor` (tokenizers, alignment, schedule) run before loading")
     p.set_defaults(handler="crosskd.api:cli_train")
 
 
@@ -135,6 +137,24 @@ def _add_plan(sub) -> None:
     p.set_defaults(handler="crosskd.plan:cli_plan")
 
 
+def _add_doctor(sub) -> None:
+    p = sub.add_parser("doctor", help="check a run before it starts: models, data, schedule, one real step, memory",
+                       description="Run the checks of docs/DOCTOR.md on the config's real models: models and "
+                       "tokenizers, padded ids, separators, alignment and KD pairs, the schedule in optimizer steps, "
+                       "every term's step-0 value, one real training step on the doctor's own copy of the student, "
+                       "dtypes in training and evaluation, and the memory plan. Prints a table of pass / warn / fail "
+                       "with the measured value and the fix; exits 1 when a check fails. Writes nothing into the "
+                       "run folder.")
+    _add_run_config(p)
+    p.add_argument("--fast", action="store_true",
+                   help="only the fast checks `crosskd train` runs first (no model is loaded)")
+    p.add_argument("--device", choices=("cuda", "cpu"),
+                   help="the memory plan's device (default: the device the run would use)")
+    p.add_argument("--memory", help="memory of one device for the plan, e.g. 16GiB (default: this device's)")
+    p.add_argument("--json", action="store_true", help="print the checks and the schedule as JSON")
+    p.set_defaults(handler="crosskd.doctor:cli_doctor")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crosskd",
@@ -144,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on an error, show the Python traceback too (also CROSSKD_TRACEBACK=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_setup_models, _add_align_report, _add_train, _add_report, _add_cache_teacher, _add_eval,
-                _add_generate, _add_plan):
+                _add_generate, _add_plan, _add_doctor):
         add(sub)
     return parser
 
