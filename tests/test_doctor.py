@@ -72,6 +72,14 @@ def test_a_sane_tiny_run_passes_every_check_and_leaves_its_run_folder_empty(tmp_
     assert report.not_computed == ["feature", "attention", "layerwise", "contrastive"]
 
 
+def test_a_run_that_cannot_be_set_up_fails_its_first_check_with_the_trainers_message(tmp_path):
+    checks = by_name(doctor(tiny_config(tmp_path, "data.window_tokens=5000")))
+    assert checks["models and data load"].status == FAIL
+    assert "max_position_embeddings" in checks["models and data load"].value
+    assert "step: finite loss" not in checks  # nothing that needs the set-up ran
+    assert checks["run folder untouched"].status == PASS
+
+
 def test_the_run_folder_check_fails_when_the_folder_changed(tmp_path):
     before = folder_state(tmp_path)
     (tmp_path / "log.jsonl").write_text("{}")

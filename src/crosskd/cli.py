@@ -151,6 +151,9 @@ def _add_doctor(sub) -> None:
     p.add_argument("--device", choices=("cuda", "cpu"),
                    help="the memory plan's device (default: the device the run would use)")
     p.add_argument("--memory", help="memory of one device for the plan, e.g. 16GiB (default: this device's)")
+    p.add_argument("--processes", type=int,
+                   help="data-parallel processes the run will train with, for its length and memory (default: 1, or "
+                        "this command's under accelerate launch)")
     p.add_argument("--json", action="store_true", help="print the checks and the schedule as JSON")
     p.set_defaults(handler="crosskd.doctor:cli_doctor")
 

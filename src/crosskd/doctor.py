@@ -52,7 +52,7 @@ from crosskd.schedules import (
 )
 from crosskd.train.logbook import check_sum
 from crosskd.train.objective import TermSwitches
-from crosskd.train.recipe import _schedule_at, accumulate_gradients, apply_update, build_scheduler, build_training
+from crosskd.train.recipe import accumulate_gradients, apply_update, build_scheduler, build_training, schedule_at
 from crosskd.vocab.transfer import DivergenceTransfer, transfer_class
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
@@ -60,7 +60,7 @@ PASS, WARN, FAIL = "pass", "warn", "fail"
 TERM_TO_LM_WARNING = 10.0
 # Below this share of student positions with a teacher partner, KD trains on few positions.
 LOW_ALIGNMENT_RATE = 0.5
-# With the τ² factor, τ above 2 (a factor above 4) makes the KD gradient several times its τ = 1 size.
+# With the τ² factor, τ above 2 (a factor above 4) can make the KD gradient several times its τ = 1 size.
 HIGH_T2_FACTOR = 4.0
 SCHEDULE_PROGRESS = tuple(step / 10 for step in range(11))
 SAMPLE_WINDOWS = 16  # training windows the fast alignment check tokenises
@@ -92,6 +92,15 @@ class DoctorReport:
     schedule: list[dict[str, float]] = field(default_factory=list)  # `schedule_table`
     not_computed: list[str] = field(default_factory=list)  # schedule terms at weight 0 all run: never computed
     seconds: float = 0.0
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # where the time went, by phase
+
+    @contextlib.contextmanager
+    def timed(self, phase: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - started
 
     @property
     def failures(self) -> list[CheckResult]:
@@ -103,7 +112,8 @@ class DoctorReport:
 
     def to_dict(self) -> dict:
         return {"checks": [dataclasses.asdict(check) for check in self.checks], "schedule": self.schedule,
-                "not_computed": self.not_computed, "failed": bool(self.failures), "seconds": self.seconds}
+                "not_computed": self.not_computed, "failed": bool(self.failures), "seconds": self.seconds,
+                "phase_seconds": self.phase_seconds}
 
     def describe(self) -> str:
         name_width = max(len(check.name) for check in self.checks)
@@ -112,11 +122,15 @@ class DoctorReport:
         lines += [f"{check.status:4}  {check.name:{name_width}}  {check.value:{value_width}}  {check.fix}".rstrip()
                   for check in self.checks]
         if self.schedule:
-            lines += ["", "schedule (weights at progress p; lr: optimizer.lr × the schedule's factor):", *_schedule_lines(self.schedule)]
+            lines += ["", "schedule (weights at progress p; lr: optimizer.lr × the schedule's factor):",
+                      *_schedule_lines(self.schedule)]
             if self.not_computed:
                 lines.append(f"not computed (weight 0 all run): {', '.join(self.not_computed)}")
         lines.append(f"\n{len(self.failures)} fail, {len(self.warnings)} warn, "
                      f"{len(self.checks) - len(self.failures) - len(self.warnings)} pass in {self.seconds:.0f} s")
+        if self.phase_seconds:
+            phases = ", ".join(f"{phase} {seconds:.0f} s" for phase, seconds in self.phase_seconds.items())
+            lines[-1] += f" ({phases})"
         return "\n".join(lines)
 
 
@@ -308,8 +322,9 @@ def check_run_length(config: Config, total_steps: int, processes: int) -> CheckR
     training = config.training
     windows = windows_per_step(training, processes)
     how = "training.max_steps" if training.max_steps else f"training.epochs={training.epochs} over the windows"
+    processes_text = f"{processes} process" + ("es" if processes != 1 else "")
     return passed("optimizer steps", f"{total_steps} ({how}) × {windows} windows (batch {training.batch_size} × "
-                                     f"accumulation {training.gradient_accumulation_steps} × {processes} process{'es' if processes != 1 else ''}) "
+                                     f"accumulation {training.gradient_accumulation_steps} × {processes_text}) "
                                      f"× {config.data.window_tokens} tokens")
 
 
@@ -329,8 +344,9 @@ def check_curriculum(settings: ScheduleSettings, total_steps: int) -> CheckResul
 
 
 def check_temperature(config: Config, settings: ScheduleSettings) -> CheckResult:
-    """τ² multiplies the KD term (`objective.scale_by_t2`): above τ = 2 that makes the KD gradient several times its
-    τ = 1 size (τ² times the 1/τ of a tempered softmax's derivative), and KD at τ is not what BPB at τ = 1 measures."""
+    """τ² multiplies the KD term (`objective.scale_by_t2`). The tempered KL's gradient shrinks between 1/τ² (the
+    high-temperature limit τ² offsets) and 1/τ, so above τ = 2 the factor can make the KD gradient several times its
+    τ = 1 size; and KD at τ is not what BPB at τ = 1 measures (docs/DOCTOR.md)."""
     hottest = max(settings.temperature_start, settings.temperature_end)
     scaled = issubclass(transfer_class(config.objective), DivergenceTransfer) and config.objective.scale_by_t2
     factor = hottest ** 2 if scaled else 1.0
@@ -403,7 +419,8 @@ def check_components_sum(total: float, weighted: dict[str, float]) -> CheckResul
 
 
 def check_gradients(grad_norm: float, grad_clip: float) -> CheckResult:
-    value = f"norm {grad_norm:.4g}" + (f" (clipped to {grad_clip:g})" if grad_clip > 0 and grad_norm > grad_clip else "")
+    clipped = grad_clip > 0 and grad_norm > grad_clip
+    value = f"norm {grad_norm:.4g}" + (f" (clipped to {grad_clip:g})" if clipped else "")
     if not math.isfinite(grad_norm):
         return failed("step: finite gradients", value, "a term's gradient overflows: look at the step-0 terms; with "
                       "fp16 use bf16 or no mixed precision")
@@ -589,10 +606,12 @@ def _add_schedule(report: DoctorReport, config: Config, total_steps: int, proces
     report.not_computed = not_computed_terms(config, settings)
 
 
-def run_doctor(config: Config, device: str | None = None, memory_bytes: int | None = None) -> DoctorReport:
+def run_doctor(config: Config, device: str | None = None, memory_bytes: int | None = None,
+               processes: int | None = None) -> DoctorReport:
     """Every check on the real models of `config`: the trainer's set-up, one real optimizer step of its first
     micro-batches (on the doctor's own copy of the student: nothing is saved) and one evaluation batch; `device`
-    and `memory_bytes` are the memory plan's (default: this machine's device and its memory)."""
+    and `memory_bytes` are the memory plan's (default: this machine's device and its memory), `processes` the
+    run's data-parallel processes for its length and its memory plan (default: this command's)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -605,9 +624,10 @@ def run_doctor(config: Config, device: str | None = None, memory_bytes: int | No
     set_seed(config.training.seed)
     with tempfile.TemporaryDirectory(prefix="crosskd-doctor-") as scratch:
         try:
-            setup = build_training(config, accelerator, stats_path=Path(scratch) / "teacher_stats.safetensors",
-                                   resuming=False)
-        except (ValueError, OSError, RuntimeError) as error:
+            with report.timed("set-up"):
+                setup = build_training(config, accelerator, stats_path=Path(scratch) / "teacher_stats.safetensors",
+                                       resuming=False)
+        except Exception as error:  # any set-up error is this check's result: crosskd's messages name the fix
             report.checks.append(failed("models and data load", f"{type(error).__name__}: {error}",
                                         "the message names the fix"))
         else:
@@ -615,34 +635,39 @@ def run_doctor(config: Config, device: str | None = None, memory_bytes: int | No
                 f"; {setup.preparation_report}" if setup.preparation_report else "")
             report.checks.append(passed("models and data load", f"teacher {config.models.teacher} "
                                         f"({config.models.teacher_dtype}), student {config.models.student} {loaded}"))
-            _step_checks(report, config, setup, accelerator, precision)
+            _step_checks(report, config, setup, accelerator, precision, processes or accelerator.num_processes)
     memory_device = device or accelerator.device.type
-    report.checks.append(check_memory(config, memory_device, memory_bytes or device_memory(memory_device),
-                                      accelerator.num_processes))
+    with report.timed("memory plan"):
+        report.checks.append(check_memory(config, memory_device, memory_bytes or device_memory(memory_device),
+                                          processes or accelerator.num_processes))
     report.checks.append(check_run_folder(run_dir, before, folder_state(run_dir)))
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _step_checks(report: DoctorReport, config: Config, setup, accelerator, precision) -> None:
+def _step_checks(report: DoctorReport, config: Config, setup, accelerator, precision, processes: int) -> None:
     teacher, student, objective = setup.teacher, setup.student, setup.objective
     tokenizers = {"teacher": teacher.tokenizer, "student": student.tokenizer}
     vocabs = {"teacher": teacher.vocab, "student": student.vocab}
-    report.checks += _tokenizer_and_data_checks(config, tokenizers, vocabs, _sample_batches(setup.corpus, config))
-    _add_schedule(report, config, setup.total_steps, accelerator.num_processes)
+    with report.timed("windows"):
+        report.checks += _tokenizer_and_data_checks(config, tokenizers, vocabs,
+                                                    _sample_batches(setup.corpus, config))
+    total_steps = (setup.total_steps if processes == accelerator.num_processes else
+                   setup.corpus.optimizer_steps(config.training, windows_per_step(config.training, processes)))
+    _add_schedule(report, config, total_steps, processes)
 
     # The first optimizer step as the loop runs it: the first windows of the stream, the schedule at step 0.
-    weights, tau = _schedule_at(0, setup.total_steps, setup.settings)
+    weights, tau = schedule_at(0, setup.total_steps, setup.settings)
     windows = setup.corpus.train_windows(start=0, process_index=accelerator.process_index,
                                          num_processes=accelerator.num_processes, batch_size=config.training.batch_size)
     micro_batches = [collate_windows(next(windows), teacher.vocab.pad_id).to(accelerator.device)
                      for _ in range(config.training.gradient_accumulation_steps)]
     if not objective.lm_only and objective.transfer.teacher_needs(config.objective).topk:
-        with torch.no_grad():
+        with torch.no_grad(), report.timed("teacher top-k"):
             signal = objective.teacher_signal(micro_batches[0], weights)
         report.checks.append(check_topk_avoids_padded_ids(signal.topk.ids, teacher.vocab))
     training_dtypes = DtypeProbe()
-    with training_dtypes.watching(teacher.model, student.model, objective):
+    with training_dtypes.watching(teacher.model, student.model, objective), report.timed("step"):
         setup.optimizer.zero_grad(set_to_none=True)
         losses = accumulate_gradients(objective, setup.student_forward, setup.objective_forward, precision,
                                       accelerator, micro_batches, weights, tau)
@@ -659,7 +684,7 @@ def _step_checks(report: DoctorReport, config: Config, setup, accelerator, preci
     # One evaluation batch, as the trainer's evaluation runs it (no autocast).
     evaluation_dtypes = DtypeProbe()
     eval_batches = setup.corpus.eval_batches(config.training.batch_size, accelerator.device)[:1]
-    with evaluation_dtypes.watching(teacher.model, student.model, objective):
+    with evaluation_dtypes.watching(teacher.model, student.model, objective), report.timed("evaluation batch"):
         objective.evaluate_retention(eval_batches, weights, tau)
     trainable = {"student": {dtype_name(p.dtype) for p in student.model.parameters()}}
     for group in objective.parameter_groups():
@@ -702,6 +727,10 @@ def cli_doctor(args) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    report = fast_checks(config) if args.fast else run_doctor(config, args.device, memory)
+    if args.processes is not None and args.processes < 1:
+        print(f"error: --processes must be at least 1, got {args.processes}", file=sys.stderr)
+        return 2
+    report = fast_checks(config, args.processes or 1) if args.fast else run_doctor(config, args.device, memory,
+                                                                                  args.processes)
     print(json.dumps(report.to_dict(), indent=1) if args.json else report.describe())
     return 1 if report.failures else 0

@@ -270,12 +270,12 @@ def train(config: Config, resume: str | None = None, debug: bool = False, overwr
                 # A checkpoint written after a step but before what the straight run did next at that step (its
                 # evaluation, its checkpoint: an emergency checkpoint during the final evaluation) must not skip it:
                 # the best student and early stopping depend on it.
-                _end_of_step(run, *_schedule_at(state.step - 1, total_steps, settings), total_steps,
+                _end_of_step(run, *schedule_at(state.step - 1, total_steps, settings), total_steps,
                              resumed=True)
             while state.step < total_steps and not state.stopped_early:
                 if signals.stop_requested(accelerator):
                     raise TrainingStopped("received SIGTERM")
-                weights, tau = _schedule_at(state.step, total_steps, settings)
+                weights, tau = schedule_at(state.step, total_steps, settings)
 
                 # Read the whole step first: normalisers count the selected positions of every micro-batch on every
                 # process.
@@ -566,7 +566,7 @@ def _evaluate(run: Run, weights: dict[str, float], tau: float) -> bool:
     )
 
 
-def _schedule_at(step: int, total_steps: int, settings) -> tuple[dict[str, float], float]:
+def schedule_at(step: int, total_steps: int, settings) -> tuple[dict[str, float], float]:
     """The term weights and the temperature of optimizer step `step` (counted from 0)."""
     progress = step / total_steps
     return loss_weights(progress, settings), temperature(progress, settings)
