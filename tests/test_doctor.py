@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 
 import pytest
 import torch
@@ -19,12 +20,18 @@ from crosskd.doctor import (
     DoctorFailed,
     DtypeProbe,
     check_alignment,
+    check_components_sum,
     check_curriculum,
     check_dtypes,
+    check_fast_tokenizers,
+    check_finite_loss,
+    check_gradients,
+    check_kd_share,
     check_kd_warmup,
     check_learning_rates,
     check_lr_warmup,
     check_memory,
+    check_padded_ids,
     check_run_folder,
     check_run_past_pairs,
     check_separators,
@@ -39,6 +46,7 @@ from crosskd.doctor import (
 )
 from crosskd.models.loading import load_model
 from crosskd.schedules import schedule_settings
+from crosskd.train.objective import TermSwitches
 from crosskd.vocab.projector import ProjectorTransfer
 from trainer_helpers import TINY_CONFIG, objective_and_first_batch, tiny_config
 
@@ -203,12 +211,37 @@ def test_alignment_and_run_past_pairs_are_measured_on_windows(tmp_path):
     assert "100.0%" in check_run_past_pairs([run_past], config).value
 
 
+def test_the_first_steps_checks_fail_on_what_they_guard_against():
+    assert check_finite_loss(2.5).status == PASS and check_finite_loss(float("nan")).status == FAIL
+    assert check_components_sum(2.5, {"lm": 2.0, "kd": 0.5}).status == PASS
+    assert check_components_sum(2.5, {"lm": 2.0, "kd": 0.3}).status == FAIL
+    assert check_gradients(3.0, 1.0).status == PASS and "clipped to 1" in check_gradients(3.0, 1.0).value
+    assert check_gradients(float("inf"), 1.0).status == FAIL and check_gradients(0.0, 1.0).status == FAIL
+    kd_on = TermSwitches(lm_only=False, hidden_states=False, attentions=False)
+    assert check_kd_share({"lm": torch.tensor(100.0), "kd": torch.tensor(80.0)}, kd_on).status == PASS
+    assert check_kd_share({"lm": torch.tensor(100.0), "kd": torch.tensor(0.0)}, kd_on).status == FAIL
+    lm_only = dataclasses.replace(kd_on, lm_only=True)
+    assert check_kd_share({"lm": torch.tensor(100.0), "kd": torch.tensor(0.0)}, lm_only).status == PASS
+
+
+def test_an_lm_only_run_passes_without_kd_checks(tmp_path):
+    checks = by_name(doctor(tiny_config(tmp_path, "objective.kd_alpha=0")))
+    assert [check for check in checks.values() if check.status != PASS] == []
+    assert "step 0: kd" not in checks and "teacher top-k avoids padded ids" not in checks
+    assert checks["KD warm-up"].value.startswith("no KD")
+
+
 def test_padded_ids_in_the_separator_or_the_top_k_fail():
     teacher = load_model("tiny:teacher", "teacher")
     student = load_model("tiny:student", "student")
     tokenizers = {"teacher": teacher.tokenizer, "student": student.tokenizer}
     vocabs = {"teacher": teacher.vocab, "student": student.vocab}
     assert check_separators(tokenizers, vocabs).status == PASS
+    assert check_fast_tokenizers(tokenizers).status == PASS
+    assert check_fast_tokenizers({**tokenizers, "teacher": types.SimpleNamespace(is_fast=False)}).status == FAIL
+    assert check_padded_ids("teacher", teacher.vocab, teacher.tokenizer).status == PASS
+    unmasked = dataclasses.replace(teacher.vocab, padded_ids=torch.zeros(0, dtype=torch.long))
+    assert check_padded_ids("teacher", unmasked, teacher.tokenizer).status == FAIL  # its 48 rows past the tokenizer
     separator_padded = dict(vocabs, student=dataclasses.replace(student.vocab, padded_ids=torch.tensor([0])))
     assert check_separators(tokenizers, separator_padded).status == FAIL
     padded = int(teacher.vocab.padded_ids[0])
