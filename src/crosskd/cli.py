@@ -44,7 +44,9 @@ def _add_train(sub) -> None:
     p = sub.add_parser(
         "train",
         help="distil a teacher into a student as configured",
-        description="Run a distillation as configured in a YAML/JSON file; dotted KEY=VALUE overrides follow it.",
+        description="Run a distillation as configured in a YAML/JSON file; dotted KEY=VALUE overrides follow it. "
+                    "The fast checks of `crosskd doctor` run first (docs/DOCTOR.md): a failing one stops the command "
+                    "before anything is loaded or written.",
     )
     p.add_argument("config", help="YAML or JSON config (see configs/reference.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.max_steps=25 objective.kd_top_k=64")
