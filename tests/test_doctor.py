@@ -287,19 +287,24 @@ def test_the_fast_checks_load_no_model_and_train_refuses_a_failing_config(tmp_pa
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_model)
     report = fast_checks(tiny_config(tmp_path))
     assert not report.failures and report.schedule
+    printed = []
+    require_fast_checks(tiny_config(tmp_path), echo=printed.append)
+    assert len(printed) == 1 and "fast checks, 0 fail, 0 warn" in printed[0]
     with pytest.raises(DoctorFailed, match="learning-rate warm-up.*--no-doctor"):
         require_fast_checks(tiny_config(tmp_path, "optimizer.warmup_steps=10"))
 
 
-def test_crosskd_train_runs_the_fast_checks_first_unless_told_not_to(tmp_path):
+def test_crosskd_train_runs_the_fast_checks_first_unless_told_not_to(tmp_path, capsys):
     config = tiny_config(tmp_path, "training.max_steps=1")  # one step: the KD warm-up never ends
     config_file = tmp_path / "one-step.yaml"
     config.save(config_file)
     AcceleratorState._reset_state(reset_partial_state=True)
     assert main(["train", str(config_file)]) == 1
+    assert "KD warm-up" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused before anything was written
     AcceleratorState._reset_state(reset_partial_state=True)
     assert main(["train", str(config_file), "--no-doctor"]) == 0
+    assert "doctor:" not in capsys.readouterr().out
     assert (tmp_path / "run" / "student").is_dir()
 
 

@@ -710,6 +710,8 @@ class DoctorFailed(ConfigError):
 def require_fast_checks(config: Config, processes: int = 1, echo=print) -> DoctorReport:
     """`crosskd train`'s first phase: the fast checks; warnings are echoed, a failure raises DoctorFailed."""
     report = fast_checks(config, processes)
+    echo(f"doctor: {len(report.checks)} fast checks, {len(report.failures)} fail, {len(report.warnings)} warn "
+         f"({report.seconds:.0f} s; `crosskd doctor CONFIG` runs every check, --no-doctor skips these)")
     for check in report.warnings:
         echo(f"doctor: warn: {check.name}: {check.value}; fix: {check.fix}")
     if report.failures:
