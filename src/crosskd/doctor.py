@@ -589,6 +589,7 @@ def fast_checks(config: Config, processes: int = 1) -> DoctorReport:
             tokenizers[role] = load_tokenizer(spec, role)
         except ValueError as error:  # a slow tokenizer
             report.checks.append(failed("tokenizers are fast", str(error), "use a fast tokenizer (tokenizer.json)"))
+            report.seconds = time.perf_counter() - started
             return report
         vocabs[role] = _vocab_facts(spec, tokenizers[role])
     corpus = TrainingCorpus(config.data, tokenizers["student"], tokenizers["teacher"], vocabs["teacher"].pad_id)
