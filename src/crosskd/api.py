@@ -62,11 +62,13 @@ def distill(config: ConfigSource, overrides: Sequence[str] = (), resume: str | N
     The main process then writes the exported student's model card and the run's report (`report_path`), both read
     back from the run folder's records (docs/REPORT.md)."""
     config = load_config(config, overrides)
-    state = PartialState()
-    if doctor:
-        require_fast_checks(config, state.num_processes, echo=print if state.is_main_process else lambda line: None)
-    result = train(config, resume=resume, debug=debug, overwrite=overwrite)
-    if state.is_main_process:
+
+    def fast_checks(accelerator) -> None:
+        require_fast_checks(config, accelerator.num_processes,
+                            echo=print if accelerator.is_main_process else lambda line: None)
+
+    result = train(config, resume=resume, debug=debug, overwrite=overwrite, preflight=fast_checks if doctor else None)
+    if PartialState().is_main_process:
         write_model_card(result.student_dir, result.run_dir)
         write_report([result.run_dir])
     return result

@@ -192,9 +192,11 @@ class Run:
     logbook: Logbook | None = None
 
 
-def train(config: Config, resume: str | None = None, debug: bool = False, overwrite: bool = False) -> TrainResult:
+def train(config: Config, resume: str | None = None, debug: bool = False, overwrite: bool = False,
+          preflight: Callable[[Accelerator], None] | None = None) -> TrainResult:
     """`resume`: "latest" or a checkpoint folder; `overwrite`: delete the run folder first when it holds another run
-    (without it such a folder is refused)."""
+    (without it such a folder is refused); `preflight(accelerator)`: checks run once the processes are known, before
+    anything is loaded or written (`crosskd train` passes the doctor's fast checks, which raise to refuse the run)."""
     started = time.perf_counter()
     run_dir = Path(config.output.run_dir)
     checkpoints_dir = run_dir / "checkpoints"
@@ -204,6 +206,8 @@ def train(config: Config, resume: str | None = None, debug: bool = False, overwr
     # Accumulation is done by hand (below) because per-token losses must be normalised by the valid positions of
     # the whole accumulated batch, which accelerate's per-micro-batch 1/N scaling cannot do.
     accelerator = Accelerator(mixed_precision=training.mixed_precision)
+    if preflight is not None:
+        preflight(accelerator)
     precision = MixedPrecision(accelerator, training.mixed_precision)
     set_seed(training.seed)
     main = accelerator.is_main_process
