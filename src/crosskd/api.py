@@ -26,6 +26,7 @@ from crosskd.config import load_config as load_config_file
 from crosskd.data.stdlib import heldout_text
 from crosskd.data.chat import Message
 from crosskd.data.chat_windows import ChatRenderer, ChatTemplateError
+from crosskd.doctor import require_fast_checks
 from crosskd.evaluate import bits_per_byte, chat_reply, folder_heldout_bpb
 from crosskd.models.loading import load_model
 from crosskd.models.reference import SetupError, ensure_reference_models
@@ -49,16 +50,26 @@ def load_config(config: ConfigSource = None, overrides: Sequence[str] = ()) -> C
 
 
 def distill(config: ConfigSource, overrides: Sequence[str] = (), resume: str | None = None,
-            debug: bool = False, overwrite: bool = False) -> TrainResult:
+            debug: bool = False, overwrite: bool = False, doctor: bool = True) -> TrainResult:
     """Train the student as configured and return the run's result: its folders, held-out BPB before, best, final
     and of the teacher, and the skipped steps. `resume`: "latest" or a checkpoint folder. `overwrite`: delete the run
     folder first when it holds another run (`RunFolderError` otherwise). Raises `TrainingStopped` when the run stopped
     on purpose (an emergency checkpoint was written first), `CheckpointError` when the checkpoint to resume is
     damaged or of another config.
 
+    `doctor`: first run the fast checks of `crosskd doctor` (tokenizers, alignment, schedule; no model is loaded):
+    warnings are printed, a failing check raises `crosskd.doctor.DoctorFailed` before anything is loaded or written
+    (docs/DOCTOR.md).
+
     The main process then writes the exported student's model card and the run's report (`report_path`), both read
     back from the run folder's records (docs/REPORT.md)."""
-    result = train(load_config(config, overrides), resume=resume, debug=debug, overwrite=overwrite)
+    config = load_config(config, overrides)
+
+    def fast_checks(accelerator) -> None:
+        require_fast_checks(config, accelerator.num_processes,
+                            echo=print if accelerator.is_main_process else lambda line: None)
+
+    result = train(config, resume=resume, debug=debug, overwrite=overwrite, preflight=fast_checks if doctor else None)
     if PartialState().is_main_process:
         write_model_card(result.student_dir, result.run_dir)
         write_report([result.run_dir])
@@ -79,7 +90,7 @@ def cache_teacher(config: ConfigSource, overrides: Sequence[str] = (), processes
 def cli_train(args) -> int:
     try:
         result = distill(args.config, args.overrides, resume=args.resume, debug=args.debug,
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, doctor=not args.no_doctor)
     except TrainingStopped:
         return 1  # the reason and the emergency checkpoint were printed when the run stopped
     except (RunFolderError, CheckpointError) as error:

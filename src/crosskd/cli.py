@@ -44,7 +44,9 @@ def _add_train(sub) -> None:
     p = sub.add_parser(
         "train",
         help="distil a teacher into a student as configured",
-        description="Run a distillation as configured in a YAML/JSON file; dotted KEY=VALUE overrides follow it.",
+        description="Run a distillation as configured in a YAML/JSON file; dotted KEY=VALUE overrides follow it. "
+                    "The fast checks of `crosskd doctor` run first (docs/DOCTOR.md): a failing one stops the command "
+                    "before anything is loaded or written.",
     )
     p.add_argument("config", help="YAML or JSON config (see configs/reference.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.max_steps=25 objective.kd_top_k=64")
@@ -57,6 +59,8 @@ def _add_train(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="delete output.run_dir first when it holds another run (without it such a folder is refused)")
     p.add_argument("--debug", action="store_true", help="print raw and weighted loss components and check their sum")
+    p.add_argument("--no-doctor", action="store_true",
+                   help="skip the fast checks of `crosskd doctor` (tokenizers, alignment, schedule) run before loading")
     p.set_defaults(handler="crosskd.api:cli_train")
 
 
@@ -139,6 +143,27 @@ def _add_plan(sub) -> None:
     p.set_defaults(handler="crosskd.plan:cli_plan")
 
 
+def _add_doctor(sub) -> None:
+    p = sub.add_parser("doctor", help="check a run before it starts: models, data, schedule, one real step, memory",
+                       description="Run the checks of docs/DOCTOR.md on the config's real models: models and "
+                       "tokenizers, padded ids, separators, alignment and KD pairs, the schedule in optimizer steps, "
+                       "every term's step-0 value, one real training step on the doctor's own copy of the student, "
+                       "dtypes in training and evaluation, and the memory plan. Prints a table of pass / warn / fail "
+                       "with the measured value and the fix; exits 1 when a check fails. Writes nothing into the "
+                       "run folder.")
+    _add_run_config(p)
+    p.add_argument("--fast", action="store_true",
+                   help="only the fast checks `crosskd train` runs first (no model is loaded)")
+    p.add_argument("--device", choices=("cuda", "cpu"),
+                   help="the memory plan's device (default: the device the run would use)")
+    p.add_argument("--memory", help="memory of one device for the plan, e.g. 16GiB (default: this device's)")
+    p.add_argument("--processes", type=int,
+                   help="data-parallel processes the run will train with, for its length and memory (default: 1, or "
+                        "this command's under accelerate launch)")
+    p.add_argument("--json", action="store_true", help="print the checks and the schedule as JSON")
+    p.set_defaults(handler="crosskd.doctor:cli_doctor")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crosskd",
@@ -148,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on an error, show the Python traceback too (also CROSSKD_TRACEBACK=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_setup_models, _add_align_report, _add_train, _add_report, _add_cache_teacher, _add_eval,
-                _add_generate, _add_plan):
+                _add_generate, _add_plan, _add_doctor):
         add(sub)
     return parser
 

@@ -20,6 +20,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from crosskd.evaluate import BPBResult, bits_per_byte, chat_reply, responses_bit
 from crosskd.losses.selection import step_counts
 from crosskd.models.loading import LoadedModel, load_model
 from crosskd.models.precision import MixedPrecision
-from crosskd.schedules import loss_weights, schedule_settings, temperature
+from crosskd.schedules import ScheduleSettings, loss_weights, schedule_settings, temperature
 from crosskd.train.checkpoint import (
     CheckpointError,
     LoadedCheckpoint,
@@ -191,9 +192,11 @@ class Run:
     logbook: Logbook | None = None
 
 
-def train(config: Config, resume: str | None = None, debug: bool = False, overwrite: bool = False) -> TrainResult:
+def train(config: Config, resume: str | None = None, debug: bool = False, overwrite: bool = False,
+          preflight: Callable[[Accelerator], None] | None = None) -> TrainResult:
     """`resume`: "latest" or a checkpoint folder; `overwrite`: delete the run folder first when it holds another run
-    (without it such a folder is refused)."""
+    (without it such a folder is refused); `preflight(accelerator)`: checks run once the processes are known, before
+    anything is loaded or written (`crosskd train` passes the doctor's fast checks, which raise to refuse the run)."""
     started = time.perf_counter()
     run_dir = Path(config.output.run_dir)
     checkpoints_dir = run_dir / "checkpoints"
@@ -203,6 +206,8 @@ def train(config: Config, resume: str | None = None, debug: bool = False, overwr
     # Accumulation is done by hand (below) because per-token losses must be normalised by the valid positions of
     # the whole accumulated batch, which accelerate's per-micro-batch 1/N scaling cannot do.
     accelerator = Accelerator(mixed_precision=training.mixed_precision)
+    if preflight is not None:
+        preflight(accelerator)
     precision = MixedPrecision(accelerator, training.mixed_precision)
     set_seed(training.seed)
     main = accelerator.is_main_process
@@ -228,42 +233,12 @@ def train(config: Config, resume: str | None = None, debug: bool = False, overwr
     if config.models.teacher == config.models.student:  # legal (a self-distillation check) but usually a typo
         phase(f"warning: the teacher and the student are the same model ({config.models.teacher}): the student "
               "starts as its teacher, so distillation has nothing to teach; set models.teacher or models.student")
-    phase(f"loading teacher {config.models.teacher} and student {config.models.student}")
-    teacher = load_model(config.models.teacher, "teacher", dtype=config.models.teacher_dtype)
-    student = load_model(config.models.student, "student")
-    if training.gradient_checkpointing:  # non-reentrant, the form PyTorch recommends (it warns when none is chosen)
-        student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    teacher.model.to(accelerator.device)
-
-    # --- data -----------------------------------------------------------------------------------------------------
-    corpus = TrainingCorpus(config.data, student.tokenizer, teacher.tokenizer, teacher.vocab.pad_id)
-    _check_position_limits(config.data.window_tokens, {"teacher": teacher, "student": student})
-    corpus.check_training_window()
-    corpus.check_heldout_window()
-    step_windows = windows_per_step(training, accelerator.num_processes)
-    total_steps = corpus.optimizer_steps(training, step_windows)
-
-    # --- objective and optimizer ---------------------------------------------------------------------------------
-    settings = schedule_settings(config)
-    phase(f"preparing the {config.objective.strategy} objective ({total_steps} optimizer steps of "
-          f"{step_windows} windows of {config.data.window_tokens} tokens)")
-    objective = DistillationObjective(config, teacher, student, settings)
-    if objective.needs_preparation:
-        report = objective.prepare(corpus.preparation_batches(training.batch_size, accelerator.device),
-                                   accelerator.device, stats_path=run_dir / "teacher_stats.safetensors",
-                                   resuming=bool(resume))
-        if main and report is not None:
-            print(report, flush=True)
-    optimizer = build_optimizer(config, student.model, objective)
-    scheduler = build_scheduler(config, optimizer, total_steps)
-    # `student.model` stays the plain model (attributes, checkpoints, export, pre-fit and retention); the training
-    # forward goes through the prepared wrapper so data parallelism synchronises gradients. The objective is prepared
-    # only when it has parameters of its own (projector, heads): DDP refuses a module with nothing to train.
-    objective.to(accelerator.device)  # the transfer's modules and the heads
-    student_forward = accelerator.prepare(student.model)
-    has_parameters = any(True for _ in objective.parameters())
-    objective_forward = accelerator.prepare(objective) if has_parameters else objective
-    optimizer = accelerator.prepare(optimizer)
+    setup = build_training(config, accelerator, stats_path=run_dir / "teacher_stats.safetensors",
+                           resuming=bool(resume), phase=phase)
+    teacher, student, corpus, objective = setup.teacher, setup.student, setup.corpus, setup.objective
+    optimizer, scheduler, settings = setup.optimizer, setup.scheduler, setup.settings
+    student_forward, objective_forward = setup.student_forward, setup.objective_forward
+    total_steps, step_windows = setup.total_steps, setup.step_windows
 
     run = Run(config, accelerator, precision, teacher, student, corpus, objective, optimizer, scheduler,
               TrainingState(), checkpoints_dir)
@@ -303,12 +278,12 @@ def train(config: Config, resume: str | None = None, debug: bool = False, overwr
                 # A checkpoint written after a step but before what the straight run did next at that step (its
                 # evaluation, its checkpoint: an emergency checkpoint during the final evaluation) must not skip it:
                 # the best student and early stopping depend on it.
-                _end_of_step(run, *_schedule_at(state.step - 1, total_steps, settings), total_steps,
+                _end_of_step(run, *schedule_at(state.step - 1, total_steps, settings), total_steps,
                              resumed=True)
             while state.step < total_steps and not state.stopped_early:
                 if signals.stop_requested(accelerator):
                     raise TrainingStopped("received SIGTERM")
-                weights, tau = _schedule_at(state.step, total_steps, settings)
+                weights, tau = schedule_at(state.step, total_steps, settings)
 
                 # Read the whole step first: normalisers count the selected positions of every micro-batch on every
                 # process.
@@ -317,47 +292,15 @@ def train(config: Config, resume: str | None = None, debug: bool = False, overwr
                         collate_windows(next(windows), teacher.vocab.pad_id).to(accelerator.device)
                         for _ in range(training.gradient_accumulation_steps)
                     ]
-                selections = [objective.select(batch) for batch in micro_batches]
-                counts = step_counts(selections, accelerator)
-
                 optimizer.zero_grad(set_to_none=True)
-                step_total = torch.zeros((), device=accelerator.device)
-                step_components: dict[str, float] = {}
-                step_raw: dict[str, float] = {}  # each term before its weight: what a head optimises, or KD before τ²
-                for index, (batch, selection) in enumerate(zip(micro_batches, selections)):
-                    last = index == len(micro_batches) - 1
-                    sync = contextlib.ExitStack()
-                    if not last:  # gradients are all-reduced once per step, on the last micro-batch
-                        for module in {student_forward, objective_forward}:
-                            sync.enter_context(accelerator.no_sync(module))
-                    with sync:
-                        with precision.autocast():
-                            signal = None if objective.lm_only else objective.teacher_signal(batch, weights)
-                            outputs = student_forward(**objective.student_inputs(batch, weights))
-                            terms = objective_forward(batch, selection, outputs.hidden_states, outputs.attentions,
-                                                      signal, weights, tau)
-                        loss = objective.combine(terms, counts, weights, len(micro_batches),
-                                                 accelerator.num_processes)
-                        precision.backward(loss.total)
-                    step_total += loss.total.detach()
-                    for name, value in loss.weighted.items():
-                        step_components[name] = step_components.get(name, 0.0) + value
-                    for name, value in loss.raw.items():
-                        step_raw[name] = step_raw.get(name, 0.0) + value
-                    tokens_since_log += int(batch.student_attention_mask.sum())
-                step_components, step_raw = (_sum_over_processes(values, accelerator)
-                                             for values in (step_components, step_raw))
-                grad_norm = precision.unscale_and_clip(optimizer, objective.all_trainable(student.model),
-                                                       config.optimizer.grad_clip)
-                total_value = accelerator.reduce(step_total, reduction="mean").item()
-                loss_finite = math.isfinite(total_value)
-                if precision.scaler is not None or (loss_finite and math.isfinite(float(grad_norm))):
-                    # A loss scaler judges the gradients itself: on inf/NaN it skips the step and halves its scale.
-                    outcome = precision.step(optimizer)
-                    nonfinite = not loss_finite  # a non-finite loss is no overflow: no loss scale can fix it
-                    overflow = outcome.overflow and loss_finite
-                else:
-                    nonfinite, overflow = True, False
+                losses = accumulate_gradients(objective, student_forward, objective_forward, precision, accelerator,
+                                              micro_batches, weights, tau)
+                counts, step_components, step_raw = losses.counts, losses.weighted, losses.raw
+                tokens_since_log += losses.tokens
+                update = apply_update(precision, accelerator, optimizer, objective.all_trainable(student.model),
+                                      config.optimizer.grad_clip, losses.total)
+                grad_norm, total_value, loss_finite = update.grad_norm, update.total, update.loss_finite
+                nonfinite, overflow = update.nonfinite, update.overflow
                 state.overflow_skipped += overflow
                 if nonfinite:
                     state.nonfinite_skipped += 1
@@ -442,6 +385,148 @@ def train(config: Config, resume: str | None = None, debug: bool = False, overwr
     )
 
 
+@dataclass
+class TrainingSetup:
+    """What `train` builds before its first step, and `crosskd doctor` builds the same way: the models, the data,
+    the schedule and the run's length, the objective (prepared), the optimizer with its learning-rate schedule, and
+    the two forwards through accelerate's wrappers."""
+
+    teacher: LoadedModel
+    student: LoadedModel  # `student.model` stays the plain model; the training forward goes through its wrapper
+    corpus: TrainingCorpus
+    settings: ScheduleSettings
+    step_windows: int
+    total_steps: int
+    objective: DistillationObjective
+    preparation_report: str | None
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    student_forward: torch.nn.Module
+    objective_forward: torch.nn.Module
+
+
+def build_training(config: Config, accelerator: Accelerator, stats_path: Path, resuming: bool,
+                   phase: Callable[[str], None] = lambda text: None) -> TrainingSetup:
+    """Load the models and the data, check them, build and prepare the objective, the optimizer and its schedule.
+    `stats_path`: where the feature terms' teacher statistics are read from or written to; `resuming`: the
+    transfer's parameters come from a checkpoint, so it is not prepared; `phase`: prints a line per phase."""
+    training = config.training
+    main = accelerator.is_main_process
+    phase(f"loading teacher {config.models.teacher} and student {config.models.student}")
+    teacher = load_model(config.models.teacher, "teacher", dtype=config.models.teacher_dtype)
+    student = load_model(config.models.student, "student")
+    if training.gradient_checkpointing:  # non-reentrant, the form PyTorch recommends (it warns when none is chosen)
+        student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    teacher.model.to(accelerator.device)
+
+    # --- data -----------------------------------------------------------------------------------------------------
+    corpus = TrainingCorpus(config.data, student.tokenizer, teacher.tokenizer, teacher.vocab.pad_id)
+    _check_position_limits(config.data.window_tokens, {"teacher": teacher, "student": student})
+    corpus.check_training_window()
+    corpus.check_heldout_window()
+    step_windows = windows_per_step(training, accelerator.num_processes)
+    total_steps = corpus.optimizer_steps(training, step_windows)
+
+    # --- objective and optimizer ---------------------------------------------------------------------------------
+    settings = schedule_settings(config)
+    phase(f"preparing the {config.objective.strategy} objective ({total_steps} optimizer steps of "
+          f"{step_windows} windows of {config.data.window_tokens} tokens)")
+    objective = DistillationObjective(config, teacher, student, settings)
+    report = None
+    if objective.needs_preparation:
+        report = objective.prepare(corpus.preparation_batches(training.batch_size, accelerator.device),
+                                   accelerator.device, stats_path=stats_path, resuming=resuming)
+        if main and report is not None:
+            print(report, flush=True)
+    optimizer = build_optimizer(config, student.model, objective)
+    scheduler = build_scheduler(config, optimizer, total_steps)
+    # `student.model` stays the plain model (attributes, checkpoints, export, pre-fit and retention); the training
+    # forward goes through the prepared wrapper so data parallelism synchronises gradients. The objective is prepared
+    # only when it has parameters of its own (projector, heads): DDP refuses a module with nothing to train.
+    objective.to(accelerator.device)  # the transfer's modules and the heads
+    student_forward = accelerator.prepare(student.model)
+    has_parameters = any(True for _ in objective.parameters())
+    objective_forward = accelerator.prepare(objective) if has_parameters else objective
+    optimizer = accelerator.prepare(optimizer)
+    return TrainingSetup(teacher, student, corpus, settings, step_windows, total_steps, objective, report, optimizer,
+                         scheduler, student_forward, objective_forward)
+
+
+@dataclass
+class StepLosses:
+    """One optimizer step's loss before the update: this process's total (detached), the components summed over
+    micro-batches and processes (`weighted` add up to the total; `raw` before their weights), the step's position
+    counts and the student tokens this process read."""
+
+    total: torch.Tensor
+    weighted: dict[str, float]
+    raw: dict[str, float]
+    counts: dict[str, torch.Tensor]
+    tokens: int
+
+
+def accumulate_gradients(objective: DistillationObjective, student_forward, objective_forward,
+                         precision: MixedPrecision, accelerator: Accelerator, micro_batches: list,
+                         weights: dict[str, float], tau: float) -> StepLosses:
+    """Select each micro-batch's positions, count them over the whole step, then for each micro-batch the teacher
+    signal, the student forward, the terms, their combination with the step's counts and backward."""
+    selections = [objective.select(batch) for batch in micro_batches]
+    counts = step_counts(selections, accelerator)
+
+    step_total = torch.zeros((), device=accelerator.device)
+    step_components: dict[str, float] = {}
+    step_raw: dict[str, float] = {}  # each term before its weight: what a head optimises, or KD before τ²
+    tokens = 0
+    for index, (batch, selection) in enumerate(zip(micro_batches, selections)):
+        last = index == len(micro_batches) - 1
+        sync = contextlib.ExitStack()
+        if not last:  # gradients are all-reduced once per step, on the last micro-batch
+            for module in {student_forward, objective_forward}:
+                sync.enter_context(accelerator.no_sync(module))
+        with sync:
+            with precision.autocast():
+                signal = None if objective.lm_only else objective.teacher_signal(batch, weights)
+                outputs = student_forward(**objective.student_inputs(batch, weights))
+                terms = objective_forward(batch, selection, outputs.hidden_states, outputs.attentions,
+                                          signal, weights, tau)
+            loss = objective.combine(terms, counts, weights, len(micro_batches), accelerator.num_processes)
+            precision.backward(loss.total)
+        step_total += loss.total.detach()
+        for name, value in loss.weighted.items():
+            step_components[name] = step_components.get(name, 0.0) + value
+        for name, value in loss.raw.items():
+            step_raw[name] = step_raw.get(name, 0.0) + value
+        tokens += int(batch.student_attention_mask.sum())
+    step_components, step_raw = (_sum_over_processes(values, accelerator) for values in (step_components, step_raw))
+    return StepLosses(step_total, step_components, step_raw, counts, tokens)
+
+
+@dataclass(frozen=True)
+class UpdateOutcome:
+    grad_norm: float  # the true gradient norm (after unscaling), before clipping
+    total: float  # the step's loss, averaged over processes
+    loss_finite: bool
+    nonfinite: bool  # the step was skipped: a non-finite loss or gradient
+    overflow: bool  # the fp16 loss scaler skipped the step (its scale was halved)
+
+
+def apply_update(precision: MixedPrecision, accelerator: Accelerator, optimizer, parameters, grad_clip: float,
+                 step_total: torch.Tensor) -> UpdateOutcome:
+    """Unscale and clip the accumulated gradients, then step the optimizer unless the loss or the gradients are not
+    finite (the caller drops the gradients of a skipped step and counts it)."""
+    grad_norm = precision.unscale_and_clip(optimizer, parameters, grad_clip)
+    total_value = accelerator.reduce(step_total, reduction="mean").item()
+    loss_finite = math.isfinite(total_value)
+    if precision.scaler is not None or (loss_finite and math.isfinite(float(grad_norm))):
+        # A loss scaler judges the gradients itself: on inf/NaN it skips the step and halves its scale.
+        outcome = precision.step(optimizer)
+        nonfinite = not loss_finite  # a non-finite loss is no overflow: no loss scale can fix it
+        overflow = outcome.overflow and loss_finite
+    else:
+        nonfinite, overflow = True, False
+    return UpdateOutcome(float(grad_norm), total_value, loss_finite, nonfinite, overflow)
+
+
 def _check_position_limits(window_tokens: int, models: dict[str, LoadedModel]) -> None:
     """A window longer than a model's positions fails only at its first forward, or reads positions it never
     learned; refuse it before the first step. (The teacher's tokens of a window are about as many as the student's.)"""
@@ -519,7 +604,7 @@ def _evaluate(run: Run, weights: dict[str, float], tau: float) -> bool:
     )
 
 
-def _schedule_at(step: int, total_steps: int, settings) -> tuple[dict[str, float], float]:
+def schedule_at(step: int, total_steps: int, settings) -> tuple[dict[str, float], float]:
     """The term weights and the temperature of optimizer step `step` (counted from 0)."""
     progress = step / total_steps
     return loss_weights(progress, settings), temperature(progress, settings)
