@@ -206,8 +206,13 @@ def plot(summary: dict, path: Path = PLOT_PATH) -> None:
         for value, label, style in ((summary["untouched_bpb"], "untouched student", ":"),
                                     (summary["teacher_bpb"], "teacher", "--")):
             axes.axhline(value, linestyle=style, color="black", linewidth=1, label=f"{label} {value:.3f}")
+        if not data["methods"]:
+            axes.text(0.5, 0.5, "not run yet", transform=axes.transAxes, ha="center")
         axes.set_xscale("log")
+        axes.set_xlim(scenario.curve_steps[0] / 1.2, scenario.curve_steps[-1] * 1.2)
+        axes.minorticks_off()  # the curve's steps label the axis, not powers of ten
         axes.set_xticks(scenario.curve_steps, [str(s) for s in scenario.curve_steps])
+        axes.set_ylim(summary["teacher_bpb"] - 0.02, summary["untouched_bpb"] + 0.02)
         axes.set_xlabel("optimizer steps of 4 x 256 tokens")
         axes.set_ylabel("held-out bits per byte (lower is better)")
         axes.set_title(f"{scenario.name}: " + ("no window repeated" if scenario is STREAM
