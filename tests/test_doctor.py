@@ -173,10 +173,10 @@ def test_a_kd_warm_up_longer_than_the_run_fails(tmp_path):
         == PASS
 
 
-def test_a_learning_rate_warm_up_longer_than_the_run_fails(tmp_path):
+def test_a_learning_rate_warm_up_longer_than_the_run_warns(tmp_path):
     config = tiny_config(tmp_path, "optimizer.warmup_steps=4")
     result = check_lr_warmup(config, 4)
-    assert result.status == FAIL and "75% of optimizer.lr" in result.value
+    assert result.status == WARN and "75% of optimizer.lr" in result.value
     assert check_lr_warmup(config, 40).status == PASS
     # The schedule table reads the trainer's own scheduler: linear warm-up over 4 steps.
     lrs = [row["lr"] for row in schedule_table(config, schedule_settings(config), 40)]

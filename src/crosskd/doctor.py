@@ -311,8 +311,10 @@ def check_lr_warmup(config: Config, total_steps: int) -> CheckResult:
         return passed(name, f"none: lr {config.optimizer.lr:g} from the first step")
     value = f"{warmup} optimizer steps of the run's {total_steps} (the first step at lr 0)"
     if warmup >= total_steps:
+        # A warning, not a failure: the run trains, only below the configured rate (short smoke runs and the
+        # behaviour check's 6 protocol steps with their 6 warm-up steps do this on purpose).
         reached = learning_rate_factors(config, total_steps)[total_steps - 1]
-        return failed(name, value + f": longer than the run, the last step trains at {reached:.0%} of optimizer.lr",
+        return warned(name, value + f": longer than the run, the last step trains at {reached:.0%} of optimizer.lr",
                       f"optimizer.warmup_steps well below {total_steps} (e.g. {max(1, total_steps // 10)}), or a "
                       "longer run")
     return passed(name, value)
