@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from crosskd.config import Config
 from crosskd.data.collate import DualBatch
@@ -233,12 +234,14 @@ class DistillationObjective(nn.Module):
             lm_sum, _ = chunked_cross_entropy(flat_hidden, head_weight, selection.lm_targets, self.chunk_size)
             return {"lm": Term(lm_sum, PER_TOKEN, count_key="lm", scale=self.lm_alpha)}
         transfer = self.transfer
-        inputs = transfer.micro_batch_inputs(signal, batch, selection, flat_hidden)
-        target = transfer.kd_target(signal, selection, inputs, head_weight)
+        with record_function("crosskd.kd_target"):
+            inputs = transfer.micro_batch_inputs(signal, batch, selection, flat_hidden)
+            target = transfer.kd_target(signal, selection, inputs, head_weight)
         # One chunk loop for both terms: the KD rows first, in pair order, then the rows only LM uses.
-        sums = fused_chunked_losses(flat_hidden, head_weight, selection.lm_targets, selection.kd_rows, target,
-                                    transfer.kd_loss_sum(temperature, flat_hidden.device), self.chunk_size,
-                                    keep_token_logp=transfer.reads_likelihood_chunks)
+        with record_function("crosskd.lm_kd_chunks"):
+            sums = fused_chunked_losses(flat_hidden, head_weight, selection.lm_targets, selection.kd_rows, target,
+                                        transfer.kd_loss_sum(temperature, flat_hidden.device), self.chunk_size,
+                                        keep_token_logp=transfer.reads_likelihood_chunks)
         kd_sum = transfer.scaled_kd_sum(sums.kd_sum, temperature)
         terms = {
             "lm": Term(sums.lm_sum, PER_TOKEN, count_key="lm", scale=self.lm_alpha),

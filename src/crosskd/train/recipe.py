@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch.profiler import record_function
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from crosskd.config import Config, config_differences
@@ -484,13 +485,19 @@ def accumulate_gradients(objective: DistillationObjective, student_forward, obje
             for module in {student_forward, objective_forward}:
                 sync.enter_context(accelerator.no_sync(module))
         with sync:
+            # The `crosskd.*` ranges name the step's parts in a torch.profiler trace (bench/profile_step.py); they
+            # cost nothing when no profiler runs.
             with precision.autocast():
-                signal = None if objective.lm_only else objective.teacher_signal(batch, weights)
-                outputs = student_forward(**objective.student_inputs(batch, weights))
-                terms = objective_forward(batch, selection, outputs.hidden_states, outputs.attentions,
-                                          signal, weights, tau)
+                with record_function("crosskd.teacher_signal"):
+                    signal = None if objective.lm_only else objective.teacher_signal(batch, weights)
+                with record_function("crosskd.student_forward"):
+                    outputs = student_forward(**objective.student_inputs(batch, weights))
+                with record_function("crosskd.objective"):
+                    terms = objective_forward(batch, selection, outputs.hidden_states, outputs.attentions,
+                                              signal, weights, tau)
             loss = objective.combine(terms, counts, weights, len(micro_batches), accelerator.num_processes)
-            precision.backward(loss.total)
+            with record_function("crosskd.backward"):
+                precision.backward(loss.total)
         step_total += loss.total.detach()
         for name, value in loss.weighted.items():
             step_components[name] = step_components.get(name, 0.0) + value
@@ -519,7 +526,8 @@ def apply_update(precision: MixedPrecision, accelerator: Accelerator, optimizer,
     loss_finite = math.isfinite(total_value)
     if precision.scaler is not None or (loss_finite and math.isfinite(float(grad_norm))):
         # A loss scaler judges the gradients itself: on inf/NaN it skips the step and halves its scale.
-        outcome = precision.step(optimizer)
+        with record_function("crosskd.optimizer_step"):
+            outcome = precision.step(optimizer)
         nonfinite = not loss_finite  # a non-finite loss is no overflow: no loss scale can fix it
         overflow = outcome.overflow and loss_finite
     else:
