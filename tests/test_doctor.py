@@ -290,8 +290,8 @@ def test_the_fast_checks_load_no_model_and_train_refuses_a_failing_config(tmp_pa
     printed = []
     require_fast_checks(tiny_config(tmp_path), echo=printed.append)
     assert len(printed) == 1 and "fast checks, 0 fail, 0 warn" in printed[0]
-    with pytest.raises(DoctorFailed, match="learning-rate warm-up.*--no-doctor"):
-        require_fast_checks(tiny_config(tmp_path, "optimizer.warmup_steps=10"))
+    with pytest.raises(DoctorFailed, match="KD warm-up.*--no-doctor"):
+        require_fast_checks(tiny_config(tmp_path, "schedule.kd_warmup_end_progress=1.0"))
 
 
 def test_crosskd_train_runs_the_fast_checks_first_unless_told_not_to(tmp_path, capsys):
@@ -317,7 +317,9 @@ def test_the_doctor_command_prints_a_table_or_json_and_exits_1_on_a_failure(tmp_
     printed = json.loads(capsys.readouterr().out)
     assert not printed["failed"] and {check["status"] for check in printed["checks"]} == {PASS}
     assert printed["schedule"][0]["p"] == 0
-    assert main(["doctor", str(config_file), "--fast", "optimizer.warmup_steps=10"]) == 1
+    assert main(["doctor", str(config_file), "--fast", "optimizer.warmup_steps=10"]) == 0  # a warning only
+    assert "warn  learning-rate warm-up" in capsys.readouterr().out
+    assert main(["doctor", str(config_file), "--fast", "schedule.kd_warmup_end_progress=1.0"]) == 1
     table = capsys.readouterr().out
-    assert "fail  learning-rate warm-up" in table and "1 fail" in table
+    assert "fail  KD warm-up" in table and "1 fail" in table
     assert main(["doctor", str(TINY_CONFIG), "--memory", "lots"]) == 2
