@@ -8,32 +8,24 @@ misaligned between the two tokenisations). The shifted pairings below show that 
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
 import torch
 
-from crosskd.data.collate import collate_windows
-from crosskd.data.corpus import TrainingCorpus
 from crosskd.losses.target import TopKTarget
-from crosskd.models.loading import load_model
 from crosskd.vocab.first_token import (
     load_or_build_first_token_map,
     load_or_build_student_groups,
     push_topk_through_map,
 )
-from trainer_helpers import tiny_config
+from trainer_helpers import models_and_batches, tiny_config
 
 
 @pytest.fixture(scope="module")
 def pair_and_batches(tmp_path_factory):
-    config = tiny_config(tmp_path_factory.mktemp("conditioning"))
-    teacher = load_model(config.models.teacher, "teacher")
-    student = load_model(config.models.student, "student")
-    corpus = TrainingCorpus(config.data, student.tokenizer, teacher.tokenizer, teacher.vocab.pad_id)
-    windows = corpus.train_windows(start=0, process_index=0, num_processes=1, batch_size=4)
-    batches = [collate_windows(group, teacher.vocab.pad_id) for group in itertools.islice(windows, 4)]
+    teacher, student, batches = models_and_batches(tiny_config(tmp_path_factory.mktemp("conditioning")),
+                                                   batch_size=4, count=4)
     logit_size = student.vocab.logit_size
     token_map = load_or_build_first_token_map(student.tokenizer, teacher.tokenizer, teacher.vocab.valid_mask,
                                               logit_size)

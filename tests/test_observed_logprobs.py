@@ -3,28 +3,20 @@ observed_logprobs`): equal to a direct log_softmax over its full logits, chunk s
 
 from __future__ import annotations
 
-import itertools
 
 import pytest
 import torch
 
-from crosskd.data.collate import collate_windows
-from crosskd.data.corpus import TrainingCorpus
-from crosskd.models.loading import load_model
 from crosskd.teacher.online import OnlineTeacher, TeacherNeeds, observed_token_mask
-from trainer_helpers import tiny_config
+from trainer_helpers import models_and_batches, tiny_config
 
 TOP_K = 8
 
 
 @pytest.fixture(scope="module")
 def teacher_and_batches(tmp_path_factory):
-    config = tiny_config(tmp_path_factory.mktemp("observed"))
-    teacher = load_model(config.models.teacher, "teacher")
-    student = load_model(config.models.student, "student")
-    corpus = TrainingCorpus(config.data, student.tokenizer, teacher.tokenizer, teacher.vocab.pad_id)
-    windows = corpus.train_windows(start=0, process_index=0, num_processes=1, batch_size=3)
-    return teacher, [collate_windows(group, teacher.vocab.pad_id) for group in itertools.islice(windows, 2)]
+    teacher, _, batches = models_and_batches(tiny_config(tmp_path_factory.mktemp("observed")), batch_size=3, count=2)
+    return teacher, batches
 
 
 def direct_observed_logprobs(teacher, batch) -> torch.Tensor:

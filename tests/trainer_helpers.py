@@ -78,14 +78,19 @@ def tiny_config(tmp_path: Path, *overrides: str, corpus: Path | None = None) -> 
     ])
 
 
-def objective_and_first_batch(config: Config, batch_size: int = 2):
-    """The run's objective (built as `train` builds it) and the first micro-batch of its window stream."""
+def models_and_batches(config: Config, batch_size: int, count: int):
+    """The run's teacher and student, and the first `count` micro-batches of its window stream."""
     teacher = load_model(config.models.teacher, "teacher")
     student = load_model(config.models.student, "student")
-    objective = DistillationObjective(config, teacher, student, schedule_settings(config))
     corpus = TrainingCorpus(config.data, student.tokenizer, teacher.tokenizer, teacher.vocab.pad_id)
-    windows = next(corpus.train_windows(start=0, process_index=0, num_processes=1, batch_size=batch_size))
-    return objective, collate_windows(windows, teacher.vocab.pad_id)
+    windows = corpus.train_windows(start=0, process_index=0, num_processes=1, batch_size=batch_size)
+    return teacher, student, [collate_windows(group, teacher.vocab.pad_id) for group in itertools.islice(windows, count)]
+
+
+def objective_and_first_batch(config: Config, batch_size: int = 2):
+    """The run's objective (built as `train` builds it) and the first micro-batch of its window stream."""
+    teacher, student, (batch,) = models_and_batches(config, batch_size, 1)
+    return DistillationObjective(config, teacher, student, schedule_settings(config)), batch
 
 
 def log_records(run_dir: Path, kind: str = "train") -> list[dict]:

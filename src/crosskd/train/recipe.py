@@ -44,7 +44,6 @@ from crosskd.train.checkpoint import (
     TrainingState,
     checkpoint_name,
     checkpoint_problem,
-    list_checkpoints,
     load_checkpoint,
     newest_valid_checkpoint,
     prune_checkpoints,
