@@ -11,7 +11,7 @@ lazy initialisation) and records the rest with input shapes. Reported per mode, 
 - `top_ops`: the operators with the most self time, with their input shapes, and their share of the step;
 - `kd_over_lm_only`: for each operator (and shape), the self time a KD mode spends beyond LM-only's: what KD adds.
 
-    python bench/profile_step.py                                  # ~10 minutes on 2 cores, quiet machine
+    python bench/profile_step.py                                  # ~5 minutes on 2 cores, quiet machine
     python bench/profile_step.py --config configs/tiny.yaml --modes cached,lm_only   # the harness in seconds
 
 Writes bench/results/profile_step.json (tiny runs write bench/results/profile_step-tiny.json). Run it alone: a
