@@ -115,16 +115,31 @@ def log1mexp(x: Tensor) -> Tensor:
                        torch.log1p(-torch.exp(x.clamp_max(-math.log(2)))))
 
 
-def _topk_of_chunk(logits: Tensor, k: int, invalid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _masked_logits(logits: Tensor, invalid: Tensor) -> tuple[Tensor, Tensor]:
+    """float32 logits [P, V] with the padded ids at -inf, and their log-normaliser [P]: what both the top-k and the
+    observed-token log-probability subtract from, computed once per chunk."""
+    masked = upcast(logits).masked_fill(invalid, -math.inf)
+    return masked, masked.logsumexp(-1)
+
+
+def _topk_of_chunk(masked: Tensor, log_normaliser: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     # The top-k of the logits is the top-k of the log-probabilities, so no [P, V] log_softmax is written: only the
     # normaliser (a reduction) is subtracted from the k kept values.
-    masked = upcast(logits).masked_fill(invalid, -math.inf)
     top_logits, top_ids = masked.topk(k, dim=-1)
-    log_normaliser = masked.logsumexp(-1)
     # Summing the rest in log space keeps log m exact when the top-k holds almost all the mass,
     # where log(1 - sum(top-k)) would cancel catastrophically.
     rest = logsumexp_or_neginf(masked.scatter(-1, top_ids, -math.inf))
     return top_ids, top_logits - log_normaliser.unsqueeze(-1), rest - log_normaliser
+
+
+def _invalid_ids(vocab_size: int, k: int, valid_mask: Tensor, device) -> Tensor:
+    """The padded ids as a bool [V] on `device`, after checking the mask and k against the vocabulary."""
+    if valid_mask.shape != (vocab_size,) or valid_mask.dtype != torch.bool:
+        raise ValueError(f"valid_mask must be bool [{vocab_size}], got {valid_mask.dtype} {list(valid_mask.shape)}")
+    n_valid = int(valid_mask.sum())
+    if not 1 <= k <= n_valid:
+        raise ValueError(f"k={k} must be between 1 and the number of valid teacher ids ({n_valid})")
+    return ~valid_mask.to(device)
 
 
 def teacher_topk(
@@ -135,23 +150,23 @@ def teacher_topk(
     ``valid_mask`` (bool [V]) says which teacher ids are real tokens; the others are masked before the
     softmax. Differentiable, although the teacher is normally run without gradients.
     """
-    vocab_size = teacher_logits.shape[-1]
-    if valid_mask.shape != (vocab_size,) or valid_mask.dtype != torch.bool:
-        raise ValueError(f"valid_mask must be bool [{vocab_size}], got {valid_mask.dtype} {list(valid_mask.shape)}")
-    n_valid = int(valid_mask.sum())
-    if not 1 <= k <= n_valid:
-        raise ValueError(f"k={k} must be between 1 and the number of valid teacher ids ({n_valid})")
-    invalid = ~valid_mask.to(teacher_logits.device)
+    invalid = _invalid_ids(teacher_logits.shape[-1], k, valid_mask, teacher_logits.device)
     row_chunks = list(chunk_slices(len(teacher_logits), chunk_size)) or [slice(0, 0)]
-    return TopKTarget.concatenate([TopKTarget(*_topk_of_chunk(teacher_logits[rows], k, invalid))
+    return TopKTarget.concatenate([TopKTarget(*_topk_of_chunk(*_masked_logits(teacher_logits[rows], invalid), k))
                                    for rows in row_chunks])
 
 
-def observed_token_logp(teacher_logits: Tensor, next_ids: Tensor, valid_mask: Tensor) -> Tensor:
-    """log p(next_ids) at tau = 1 under logits [P, V] (float32, [P]), padded ids masked out of the normaliser as
-    in `teacher_topk`: a gather and a logsumexp, no [P, V] log_softmax is written."""
-    masked = upcast(teacher_logits).masked_fill(~valid_mask.to(teacher_logits.device), -math.inf)
-    return masked.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1) - masked.logsumexp(-1)
+def observed_logp_and_topk(teacher_logits: Tensor, next_ids: Tensor, valid_mask: Tensor, k: int,
+                           topk_rows: Tensor | None) -> tuple[Tensor, TopKTarget | None]:
+    """From one chunk of logits [P, V]: log p(next_ids) at tau = 1 (float32 [P], a gather less the normaliser, no
+    [P, V] log_softmax written) and, when `topk_rows` are given, the top-k target of those rows, with padded ids
+    masked out of the normaliser once for both."""
+    invalid = _invalid_ids(teacher_logits.shape[-1], k, valid_mask, teacher_logits.device)
+    masked, log_normaliser = _masked_logits(teacher_logits, invalid)
+    observed = masked.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1) - log_normaliser
+    if topk_rows is None:
+        return observed, None
+    return observed, TopKTarget(*_topk_of_chunk(masked[topk_rows], log_normaliser[topk_rows], k))
 
 
 def temper_atoms(support_logp: Tensor, tail_logmass: Tensor, temperature: float) -> Tensor:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from crosskd.losses.chunking import chunk_slices
-from crosskd.losses.target import TopKTarget, observed_token_logp, teacher_topk
+from crosskd.losses.target import TopKTarget, observed_logp_and_topk, teacher_topk
 from crosskd.models.moe import expert_usage_entropy, is_moe_config
 
 
@@ -114,13 +114,16 @@ class OnlineTeacher:
         topk_parts = []
         for chunk in chunk_slices(len(rows), self.chunk_size):
             chunk_rows = rows[chunk]
-            logits = head(flat_hidden[chunk_rows]).float()
-            flat_observed[chunk_rows] = observed_token_logp(logits, next_ids[chunk], valid_mask)
+            in_chunk = None
             if self.needs.topk:
                 first = int(torch.searchsorted(pair_rows, chunk_rows[0], side="left"))
                 stop = int(torch.searchsorted(pair_rows, chunk_rows[-1], side="right"))
                 in_chunk = torch.searchsorted(chunk_rows, pair_rows[first:stop])
-                topk_parts.append(teacher_topk(logits[in_chunk], self.top_k, valid_mask, self.chunk_size))
+            flat_observed[chunk_rows], topk = observed_logp_and_topk(head(flat_hidden[chunk_rows]).float(),
+                                                                     next_ids[chunk], valid_mask, self.top_k,
+                                                                     in_chunk)
+            if topk is not None:
+                topk_parts.append(topk)
         if not self.needs.topk:
             return None, observed
         return (TopKTarget.concatenate(topk_parts) if topk_parts else self._topk(final)), observed
