@@ -191,12 +191,73 @@ def _require_unique_support(support_ids: Tensor, support_mask: Tensor) -> None:
         raise ValueError("support ids repeat within a position; merge duplicates (scatter-add) before distilling")
 
 
-def _support_indicator(support_ids: Tensor, support_mask: Tensor, vocab_size: int) -> Tensor:
-    """bool [P, V]: which ids are on the support. Masked slots write to a spare column that is dropped,
-    so a masked slot whose id is also a real token does not remove that token from the tail."""
-    redirected = support_ids.masked_fill(~support_mask, vocab_size)
-    indicator = torch.zeros(len(support_ids), vocab_size + 1, dtype=torch.bool, device=support_ids.device)
-    return indicator.scatter_(-1, redirected, True)[:, :vocab_size]
+#: Below this off-support mass (e^-50) the direct sum of probabilities is not trusted: terms below float32's smallest
+#: normal number (1.2e-38) may be flushed to 0, at most V * 1.2e-38 ~ 6e-34 in all, which relative to e^-50 ~ 2e-22 is
+#: 3e-12, far below float rounding; rows under it (a support holding all but e^-50 of the mass, or all of it) are
+#: summed in log space instead.
+_DIRECT_SUM_FLOOR = -50.0
+
+
+def _off_support_log_mass(logp: Tensor, on_index: Tensor) -> Tensor:
+    """log of each row's probability outside the flat entries `on_index` of logp [P, V] (no gradient)."""
+    mass = logp.exp()
+    mass.view(-1).index_fill_(0, on_index, 0.0)
+    log_mass = mass.sum(-1).log()
+    low = log_mass < _DIRECT_SUM_FLOOR
+    if low.any():
+        rows = low.nonzero().squeeze(-1)
+        off = torch.ones_like(logp, dtype=torch.bool)
+        off.view(-1).index_fill_(0, on_index, False)
+        log_mass[rows] = logsumexp_or_neginf(logp[rows].masked_fill(~off[rows], -math.inf))
+    return log_mass
+
+
+class _GatherWithOffMass(torch.autograd.Function):
+    """(logp.view(-1)[flat_index], log of each row's mass off the support) with one [P, V] gradient buffer."""
+
+    @staticmethod
+    def forward(ctx, logp: Tensor, flat_index: Tensor, on_index: Tensor):
+        gathered = logp.reshape(-1)[flat_index]
+        log_off = _off_support_log_mass(logp, on_index)
+        ctx.save_for_backward(logp, flat_index, on_index, log_off)
+        return gathered, log_off
+
+    @staticmethod
+    def backward(ctx, grad_gathered: Tensor | None, grad_log_off: Tensor | None):
+        logp, flat_index, on_index, log_off = ctx.saved_tensors
+        if grad_log_off is None:
+            grad = torch.zeros_like(logp)
+        else:
+            # d log(sum_off p_j) / d logp_j = p_j / off mass, off the support only. A row with no mass off the support
+            # (its tail is -inf) gets none, as logsumexp_or_neginf gives it.
+            empty = torch.isneginf(log_off)
+            grad = (logp - log_off.masked_fill(empty, 0.0).unsqueeze(-1)).exp_()
+            grad.mul_(grad_log_off.masked_fill(empty, 0.0).unsqueeze(-1))
+            # Assigned, not multiplied: p_j / off mass may overflow to inf on the support.
+            grad.view(-1).index_fill_(0, on_index, 0.0)
+        if grad_gathered is not None:
+            grad.view(-1).index_add_(0, flat_index.reshape(-1), grad_gathered.reshape(-1))
+        return grad, None, None
+
+
+def gather_with_off_mass(logp: Tensor, flat_index: Tensor, on_support: Tensor) -> tuple[Tensor, Tensor]:
+    """The entries ``flat_index`` (any shape, into logp [P, V] flattened row-major) of the float log-probabilities
+    ``logp``, and the log of each row's probability outside the entries where ``on_support`` (bool, flat_index's shape;
+    other entries are only read): [P], -inf where nothing is left.
+
+    The mass outside the support is summed directly, p_j over the off-support entries (with the support's entries set
+    to 0 in a copy of exp(logp), no [P, V] indicator), never as 1 minus the support, so it stays exact when the support
+    holds nearly all the mass; rows where it is below e^-50 are summed in log space like `logsumexp_or_neginf`. The
+    backward writes both gradients into one [P, V] buffer (no per-gather zeros and adds)."""
+    logp = logp.contiguous()
+    on_index = flat_index[on_support]
+    return _GatherWithOffMass.apply(logp, flat_index, on_index)
+
+
+def row_flat_index(columns: Tensor, vocab_size: int) -> Tensor:
+    """int64 [P, C] column ids -> the same entries as flat indices into a row-major [P, vocab_size] tensor."""
+    rows = torch.arange(len(columns), device=columns.device).unsqueeze(-1)
+    return rows * vocab_size + columns
 
 
 @dataclass(frozen=True)
@@ -239,17 +300,24 @@ class StudentGroups:
         """The probability the members of each support id's group carry: [P, V] log-probabilities and [P, K] ids
         -> [P, K] (0 where a support id has no members). `excluded_ids` [P]: one id per position whose mass is left
         out (the observed member of the chain-rule split)."""
-        member_probs = logp[:, self.members].exp()
+        return self.member_mass_from(logp[:, self.members], support_ids, excluded_ids)
+
+    def member_mass_from(self, member_logp: Tensor, support_ids: Tensor, excluded_ids: Tensor | None = None) -> Tensor:
+        """`member_mass_at` from the members' log-probabilities [P, M] (in `members` order), already gathered."""
+        member_probs = member_logp.exp()
         if excluded_ids is not None:
             member_probs = member_probs.masked_fill(self.members == excluded_ids.unsqueeze(-1), 0.0)
-        root_probs = member_probs.new_zeros(len(logp), self.spare_slot + 1).index_add_(1, self.member_slot,
-                                                                                      member_probs)
+        root_probs = member_probs.new_zeros(len(member_logp), self.spare_slot + 1).index_add_(1, self.member_slot,
+                                                                                             member_probs)
         # Support ids that are no root read the spare last column, which stays 0.
         return root_probs.gather(-1, self.root_slot[support_ids])
 
-    def extend_indicator(self, indicator: Tensor) -> Tensor:
-        """bool [P, V] support indicator -> the same with every member of a support id's group set too."""
-        return indicator.index_copy(1, self.members, indicator[:, self.roots])
+    def members_on_support(self, support_ids: Tensor, support_mask: Tensor) -> Tensor:
+        """bool [P, M]: which members' roots are on each position's support (masked slots are no support)."""
+        slots = self.root_slot[support_ids].masked_fill(~support_mask, self.spare_slot)
+        root_on = torch.zeros(len(support_ids), self.spare_slot + 1, dtype=torch.bool, device=support_ids.device)
+        root_on.scatter_(-1, slots, True)[:, self.spare_slot] = False
+        return root_on[:, self.member_slot]
 
 
 def pooled_with_members(root_logp: Tensor, member_mass: Tensor) -> Tensor:
@@ -279,11 +347,16 @@ def student_atoms(student_logits: Tensor, support_ids: Tensor, support_mask: Ten
     """
     _require_unique_support(support_ids, support_mask)
     logp = student_logits if normalized else upcast(student_logits).log_softmax(-1)
-    support_logp = logp.gather(-1, support_ids)
-    on_support = _support_indicator(support_ids, support_mask, logp.shape[-1])
+    rows, k = support_ids.shape
+    # One gather reads every column the atoms need (the support ids, and with groups every member), and returns the
+    # off-support mass with it, so the backward scatters into one [P, V] gradient.
+    columns, on_support = support_ids, support_mask
     if groups is not None:
-        support_logp = pooled_with_members(support_logp, groups.member_mass_at(logp, support_ids))
-        on_support = groups.extend_indicator(on_support)
+        columns = torch.cat([support_ids, groups.members.expand(rows, -1)], dim=-1)
+        on_support = torch.cat([support_mask, groups.members_on_support(support_ids, support_mask)], dim=-1)
+    gathered, tail_logmass = gather_with_off_mass(logp, row_flat_index(columns, logp.shape[-1]), on_support)
+    support_logp = gathered[:, :k]
+    if groups is not None:
+        support_logp = pooled_with_members(support_logp, groups.member_mass_from(gathered[:, k:], support_ids))
     support_logp = support_logp.masked_fill(~support_mask, -math.inf)
-    off_support = logp.masked_fill(on_support, -math.inf)
-    return temper_atoms(support_logp, logsumexp_or_neginf(off_support), temperature)
+    return temper_atoms(support_logp, tail_logmass, temperature)
