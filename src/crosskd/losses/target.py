@@ -198,11 +198,23 @@ def _require_unique_support(support_ids: Tensor, support_mask: Tensor) -> None:
 _DIRECT_SUM_FLOOR = -50.0
 
 
+#: Rows of exp(logp) materialised at a time when summing the mass off the support: a few MB, which the allocator
+#: reuses from block to block, where one [P, V] buffer per chunk would be fresh memory (page faults on the CPU).
+_OFF_MASS_BLOCK_ROWS = 32
+
+
 def _off_support_log_mass(logp: Tensor, on_index: Tensor) -> Tensor:
     """log of each row's probability outside the flat entries `on_index` of logp [P, V] (no gradient)."""
-    mass = logp.exp()
-    mass.view(-1).index_fill_(0, on_index, 0.0)
-    log_mass = mass.sum(-1).log()
+    vocab_size = logp.shape[-1]
+    on_index = on_index.sort().values
+    starts = torch.arange(0, len(logp) + _OFF_MASS_BLOCK_ROWS, _OFF_MASS_BLOCK_ROWS, device=logp.device)
+    bounds = torch.searchsorted(on_index, starts.clamp_max(len(logp)) * vocab_size).tolist()
+    log_mass = logp.new_empty(len(logp))
+    for block, start in enumerate(range(0, len(logp), _OFF_MASS_BLOCK_ROWS)):
+        rows = slice(start, start + _OFF_MASS_BLOCK_ROWS)
+        mass = logp[rows].exp()
+        mass.view(-1).index_fill_(0, on_index[bounds[block]:bounds[block + 1]] - start * vocab_size, 0.0)
+        log_mass[rows] = mass.sum(-1).log()
     low = log_mass < _DIRECT_SUM_FLOOR
     if low.any():
         rows = low.nonzero().squeeze(-1)
@@ -300,15 +312,21 @@ class StudentGroups:
         """The probability the members of each support id's group carry: [P, V] log-probabilities and [P, K] ids
         -> [P, K] (0 where a support id has no members). `excluded_ids` [P]: one id per position whose mass is left
         out (the observed member of the chain-rule split)."""
-        return self.member_mass_from(logp[:, self.members], support_ids, excluded_ids)
-
-    def member_mass_from(self, member_logp: Tensor, support_ids: Tensor, excluded_ids: Tensor | None = None) -> Tensor:
-        """`member_mass_at` from the members' log-probabilities [P, M] (in `members` order), already gathered."""
-        member_probs = member_logp.exp()
+        member_probs = logp[:, self.members].exp()
         if excluded_ids is not None:
             member_probs = member_probs.masked_fill(self.members == excluded_ids.unsqueeze(-1), 0.0)
-        root_probs = member_probs.new_zeros(len(member_logp), self.spare_slot + 1).index_add_(1, self.member_slot,
-                                                                                             member_probs)
+        root_probs = member_probs.new_zeros(len(logp), self.spare_slot + 1).index_add_(1, self.member_slot,
+                                                                                      member_probs)
+        # Support ids that are no root read the spare last column, which stays 0.
+        return root_probs.gather(-1, self.root_slot[support_ids])
+
+    def member_mass_from(self, member_logp: Tensor, member_rows: Tensor, member_index: Tensor,
+                         support_ids: Tensor) -> Tensor:
+        """`member_mass_at` from the log-probabilities [n] of some (position `member_rows`, member `member_index`
+        into `members`) pairs, already gathered: those of the members whose root is on the position's support
+        (`members_on_support`) are all that is read."""
+        root_probs = member_logp.new_zeros(len(support_ids), self.spare_slot + 1)
+        root_probs.index_put_((member_rows, self.member_slot[member_index]), member_logp.exp(), accumulate=True)
         # Support ids that are no root read the spare last column, which stays 0.
         return root_probs.gather(-1, self.root_slot[support_ids])
 
@@ -348,15 +366,18 @@ def student_atoms(student_logits: Tensor, support_ids: Tensor, support_mask: Ten
     _require_unique_support(support_ids, support_mask)
     logp = student_logits if normalized else upcast(student_logits).log_softmax(-1)
     rows, k = support_ids.shape
-    # One gather reads every column the atoms need (the support ids, and with groups every member), and returns the
-    # off-support mass with it, so the backward scatters into one [P, V] gradient.
-    columns, on_support = support_ids, support_mask
+    # One gather reads every entry the atoms need (the support ids, and with groups the members of support roots), and
+    # returns the off-support mass with it, so the backward writes one [P, V] gradient.
+    flat_index, on_support = row_flat_index(support_ids, logp.shape[-1]).flatten(), support_mask.flatten()
     if groups is not None:
-        columns = torch.cat([support_ids, groups.members.expand(rows, -1)], dim=-1)
-        on_support = torch.cat([support_mask, groups.members_on_support(support_ids, support_mask)], dim=-1)
-    gathered, tail_logmass = gather_with_off_mass(logp, row_flat_index(columns, logp.shape[-1]), on_support)
-    support_logp = gathered[:, :k]
+        # Only the members whose root is on the support: the others' mass stays in the tail and is never read.
+        member_rows, member_index = groups.members_on_support(support_ids, support_mask).nonzero(as_tuple=True)
+        flat_index = torch.cat([flat_index, member_rows * logp.shape[-1] + groups.members[member_index]])
+        on_support = torch.cat([on_support, torch.ones_like(member_rows, dtype=torch.bool)])
+    gathered, tail_logmass = gather_with_off_mass(logp, flat_index, on_support)
+    support_logp = gathered[:rows * k].view(rows, k)
     if groups is not None:
-        support_logp = pooled_with_members(support_logp, groups.member_mass_from(gathered[:, k:], support_ids))
+        member_mass = groups.member_mass_from(gathered[rows * k:], member_rows, member_index, support_ids)
+        support_logp = pooled_with_members(support_logp, member_mass)
     support_logp = support_logp.masked_fill(~support_mask, -math.inf)
     return temper_atoms(support_logp, tail_logmass, temperature)
