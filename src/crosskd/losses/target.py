@@ -240,11 +240,17 @@ class _GatherWithOffMass(torch.autograd.Function):
         if grad_log_off is None:
             grad = torch.zeros_like(logp)
         else:
-            # d log(sum_off p_j) / d logp_j = p_j / off mass, off the support only. A row with no mass off the support
-            # (its tail is -inf) gets none, as logsumexp_or_neginf gives it.
-            empty = torch.isneginf(log_off)
-            grad = (logp - log_off.masked_fill(empty, 0.0).unsqueeze(-1)).exp_()
-            grad.mul_(grad_log_off.masked_fill(empty, 0.0).unsqueeze(-1))
+            # d log(sum_off p_j) / d logp_j = p_j / off mass, off the support only: exp(logp) times one factor per
+            # row where the mass was summed directly (at least e^-50, so the factor stays finite), exp(logp - log
+            # mass) in the rare rows below. A row with no mass off the support (its tail is -inf) gets none, as
+            # logsumexp_or_neginf gives it.
+            direct = log_off >= _DIRECT_SUM_FLOOR
+            factor = (grad_log_off * torch.exp(-log_off)).masked_fill(~direct, 0.0)
+            grad = logp.exp().mul_(factor.unsqueeze(-1))
+            low = ~direct & ~torch.isneginf(log_off)
+            if low.any():
+                rows = low.nonzero().squeeze(-1)
+                grad[rows] = (logp[rows] - log_off[rows].unsqueeze(-1)).exp() * grad_log_off[rows].unsqueeze(-1)
             # Assigned, not multiplied: p_j / off mass may overflow to inf on the support.
             grad.view(-1).index_fill_(0, on_index, 0.0)
         if grad_gathered is not None:
