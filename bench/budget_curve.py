@@ -47,6 +47,7 @@ RESULTS = REPO / "bench" / "results" / "budget"
 # (constant after warm-up, 0.7257 at 60 steps against LM-only's 0.7335; bench/results/quality/first-token-lr1e-4.json).
 DEFAULT_METHODS = (LM_ONLY, "first-token-cached", "first-token-lr1e-4")
 PLOT_PATH = REPO / "docs" / "budget.png"
+OVERRIDES_FILE = "budget_overrides.json"  # in a method's run folder: how it was started
 TOKENS_PER_STEP = 4 * 256
 
 
@@ -66,19 +67,28 @@ def run_dir(method: str, scenario: Scenario) -> Path:
     return RUN_ROOT / scenario.name / method
 
 
-def overrides(method: str, scenario: Scenario) -> list[str]:
+def overrides(method: str, scenario: Scenario, teacher_online: bool = False) -> list[str]:
     """The protocol's overrides for `method` in `scenario`: an evaluation and a checkpoint every 60 steps, the KD
-    warm-up as long in steps as the protocol's, the teacher cache of this scenario's windows."""
+    warm-up as long in steps as the protocol's, the teacher cache of this scenario's windows (with
+    `teacher_online`, the teacher runs in the steps instead: the same BPB, and no cache to build first)."""
     result = [*PROTOCOL_OVERRIDES, f"training.max_steps={scenario.steps}", f"training.eval_every={EVAL_EVERY}",
               f"training.checkpoint_every={EVAL_EVERY}", "training.keep_checkpoints=1",
               f"schedule.kd_warmup_end_progress={PROTOCOL_KD_WARMUP_STEPS / scenario.steps}",
               *scenario.data_overrides, f"output.run_dir={run_dir(method, scenario)}"]
     for override in METHODS[method].overrides:
         key, _, value = override.partition("=")
+        if teacher_online and key in ("teacher.source", "teacher.cache_dir"):
+            continue
         if key == "teacher.cache_dir":
             value = str(RUN_ROOT / scenario.name / Path(value).name)
         result.append(f"{key}={value}")
     return result
+
+
+def run_overrides(method: str, scenario: Scenario) -> list[str]:
+    """The overrides the run of `method` here was started with (online or cached teacher), as `run` wrote them."""
+    path = run_dir(method, scenario) / OVERRIDES_FILE
+    return json.loads(path.read_text()) if path.exists() else overrides(method, scenario)
 
 
 def records(method: str, scenario: Scenario) -> list[dict]:
@@ -97,18 +107,20 @@ def crosskd(arguments: list[str]) -> None:
     subprocess.run(command, check=True, cwd=REPO)
 
 
-def run(method: str, scenario: Scenario) -> None:
+def run(method: str, scenario: Scenario, teacher_online: bool = False) -> None:
     if finished(method, scenario):
         print(f"{method} ({scenario.name}): finished already")
         return
-    method_overrides = overrides(method, scenario)
-    if METHODS[method].cached:
+    method_overrides = overrides(method, scenario, teacher_online)
+    if METHODS[method].cached and not teacher_online:
         crosskd(["cache-teacher", str(BASE_CONFIG), *method_overrides])
     folder = run_dir(method, scenario)
     checkpoints = sorted((folder / "checkpoints").glob("step-*")) if (folder / "checkpoints").is_dir() else []
     if checkpoints:
         crosskd(["train", str(folder / "config.yaml"), "--resume"])
     else:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / OVERRIDES_FILE).write_text(json.dumps(method_overrides, indent=1) + "\n")
         crosskd(["train", str(BASE_CONFIG), *method_overrides])
 
 
@@ -144,9 +156,14 @@ def lm_only_steps_for(bpb: float, lm_steps: list[int], lm_bpb: list[float]) -> t
     return math.exp(math.log(s1) + (bpb - b1) * slope), True
 
 
-def scenario_summary(scenario: Scenario) -> dict:
-    methods = {m: curve(m, scenario) | {"overrides": overrides(m, scenario)} for m in METHODS
+def scenario_summary(scenario: Scenario, committed: dict) -> dict:
+    """The scenario's curves: from the runs on this machine, and for a method with no run here, the curve of the
+    committed summary (`committed`, this scenario's part of it: runs/ is not kept between machines)."""
+    methods = {m: curve(m, scenario) | {"overrides": run_overrides(m, scenario)} for m in METHODS
                if records(m, scenario)}
+    for method, data in committed.get("methods", {}).items():
+        if method not in methods or len(data["steps"]) > len(methods[method]["steps"]):
+            methods[method] = data
     summary = {"steps_per_run": scenario.steps, "curve_steps": list(scenario.curve_steps), "methods": methods,
                "multiplier": {}, "extrapolated": {}}
     lm = methods.get(LM_ONLY)
@@ -164,10 +181,13 @@ def summarise() -> dict:
     # The untouched student and the teacher on the same held-out text: the protocol's result files.
     untouched = json.loads((RESULTS_DIR / f"{LM_ONLY}.json").read_text())["bpb_student_before"]
     teacher = json.loads((RESULTS_DIR / f"{TEACHER}.json").read_text())["bpb_final"]
-    summary = {"untouched_bpb": untouched, "teacher_bpb": teacher, **scenario_summary(STREAM),
-               "data_limited": scenario_summary(DATA_LIMITED), "command": "python bench/budget_curve.py"}
+    path = RESULTS / "summary.json"
+    committed = json.loads(path.read_text()) if path.exists() else {}
+    summary = {"untouched_bpb": untouched, "teacher_bpb": teacher, **scenario_summary(STREAM, committed),
+               "data_limited": scenario_summary(DATA_LIMITED, committed.get("data_limited", {})),
+               "command": "python bench/budget_curve.py"}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    path.write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 
@@ -227,6 +247,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"from: {', '.join(METHODS)}")
     parser.add_argument("--data-limited", action="store_true", help="4 epochs over the 240 protocol windows")
+    parser.add_argument("--teacher-online", action="store_true",
+                        help="run the teacher in the steps instead of from a cache: the same BPB; for one method in "
+                             "a sitting, building the cache first costs as much as the teacher's forwards in training")
     parser.add_argument("--summary", action="store_true", help="only rebuild summary.json and the tables")
     args = parser.parse_args()
     if not args.summary:
@@ -234,7 +257,7 @@ def main() -> int:
         for method in [name.strip() for name in args.methods.split(",") if name.strip()]:
             if method not in METHODS:
                 parser.error(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-            run(method, scenario)
+            run(method, scenario, args.teacher_online)
     summary = summarise()
     plot(summary)
     print(table(summary, STREAM))

@@ -86,11 +86,13 @@ class Method:
         return "teacher.source=cache" in self.overrides
 
 
-def from_cache(top_k: int = 256) -> tuple[str, ...]:
-    """Overrides that train from a teacher cache of the protocol windows. Methods that read the same top-k share one
-    cache folder (its fingerprint has no temperature, weight or divergence in it); the worker writes it when missing."""
-    return ("teacher.source=cache", f"objective.kd_top_k={top_k}",
-            f"teacher.cache_dir={RUNS_DIR / f'teacher-cache-k{top_k}'}")
+def from_cache(top_k: int = 256, observed: bool = False) -> tuple[str, ...]:
+    """Overrides that train from a teacher cache of the protocol windows. Methods that read the same parts of the
+    teacher signal share one cache folder (its fingerprint has no temperature, weight or divergence in it): the top-k,
+    and with `observed` the observed-token log-probabilities too (chain-rule, chunk-likelihood); the worker writes it
+    when missing."""
+    folder = f"teacher-cache-k{top_k}{'-observed' if observed else ''}"
+    return ("teacher.source=cache", f"objective.kd_top_k={top_k}", f"teacher.cache_dir={RUNS_DIR / folder}")
 
 
 NO_KD_WARMUP = ("schedule.kd_warmup_start=1.0",)
@@ -130,6 +132,25 @@ METHODS: dict[str, Method] = {
                            "crosskd default + dense matching of every teacher layer group (the router's parameters)"),
     "intermediate": Method("C", ("router.enabled=true", "router.layerwise_alpha=0.1", "router.contrastive_alpha=0.1"),
                            "crosskd default + router + layerwise + contrastive terms"),
+    # The targets that carry more (issue 16): exact run-past mass, chunk likelihood beside the first-token KD, and the
+    # student's distribution moved into the teacher's vocabulary.
+    "first-token-chain-rule": Method("C", (*from_cache(observed=True), "objective.mismatch_policy=chain-rule"),
+                                     "first-token map, run-past tokens split by the chain rule (cached)"),
+    "chunk-likelihood": Method("C", (*from_cache(observed=True), "objective.strategy=chunk-likelihood"),
+                               "crosskd default + chunk likelihood matching (BCE on p^(1/100), weight 1; cached)"),
+    "chunk-likelihood-squared": Method("C", (*from_cache(observed=True), "objective.strategy=chunk-likelihood",
+                                             "objective.chunk_likelihood_loss=squared"),
+                                       "crosskd default + chunk likelihood matching (squared log-likelihood "
+                                       "difference, weight 1; cached)"),
+    # BCE at τ 100 moves a chunk's log-likelihood by at most ~1/τ per nat: weight τ puts its gradient on the LM term's
+    # scale.
+    "chunk-likelihood-w100": Method("C", (*from_cache(observed=True), "objective.strategy=chunk-likelihood",
+                                          "objective.chunk_likelihood_weight=100"),
+                                    "crosskd default + chunk likelihood matching (BCE on p^(1/100), weight 100; "
+                                    "cached)"),
+    "student-projection": Method("C", (*from_cache(), "objective.strategy=student-projection"),
+                                 "student distribution projected into the teacher's vocabulary, forward KL on its "
+                                 "top-k + tail (cached)"),
     # Off the protocol (its lr is 2e-5): how much more KD gives when the student is allowed to move further.
     "lm-only-lr1e-4": Method("A", ("objective.kd_alpha=0", "optimizer.lr=1e-4"),
                              "LM-only fine-tuning at lr 1e-4 (off-protocol)", off_protocol=True),

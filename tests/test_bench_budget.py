@@ -48,3 +48,20 @@ def test_every_default_method_forms_a_run_of_the_scenarios_length(scenario, tmp_
         assert config.schedule.kd_warmup_end_progress * scenario.steps == pytest.approx(12)
         if config.teacher.source == "cache":  # the cache of this scenario's windows, not the protocol's
             assert Path(config.teacher.cache_dir).parent == budget_curve.RUN_ROOT / scenario.name
+
+
+def test_a_cached_method_run_online_reads_no_cache_and_keeps_its_other_settings():
+    method, scenario = "first-token-lr1e-4", budget_curve.STREAM
+    cached = load_config(budget_curve.BASE_CONFIG, budget_curve.overrides(method, scenario))
+    online = load_config(budget_curve.BASE_CONFIG, budget_curve.overrides(method, scenario, teacher_online=True))
+    assert cached.teacher.source == "cache" and online.teacher.source == "online"
+    assert online.optimizer.lr == cached.optimizer.lr == pytest.approx(1e-4)
+    assert online.objective == cached.objective
+
+
+def test_a_method_without_a_run_here_keeps_its_committed_curve(tmp_path, monkeypatch):
+    monkeypatch.setattr(budget_curve, "RUN_ROOT", tmp_path)  # no runs on this machine
+    committed = {"methods": {"lm-only": {"steps": [60, 120], "bpb": [0.73, 0.71]}}}
+    summary = budget_curve.scenario_summary(budget_curve.STREAM, committed)
+    assert summary["methods"]["lm-only"]["bpb"] == [0.73, 0.71]
+    assert summary["multiplier"]["lm-only"] == {"60": pytest.approx(1.0), "120": pytest.approx(1.0)}
