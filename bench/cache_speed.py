@@ -1,22 +1,33 @@
 """Step time of cached vs online KD vs LM-only fine-tuning on the reference pair, and the cache's bytes per token.
 
-Three short runs of configs/reference.yaml (first-token, forward KL, batch 4 x 256 tokens, fp32 on the CPU), each
-timed per optimizer step from the trainer's own per-step log records; the first step is skipped (allocations, lazy
-initialisation) and the median of the rest reported (cache and lm_only: pooled over two alternating rounds):
+Three kinds of short runs of configs/reference.yaml (first-token, forward KL, batch 4 x 256 tokens, fp32 on the CPU),
+each timed per optimizer step from the trainer's own per-step log records; the first step is skipped (allocations,
+lazy initialisation) and the median of the rest kept:
 
 - online: the teacher runs in every step (teacher.source=online);
 - cache: the teacher's signal is read from a cache written just before by `crosskd.cache_teacher` (k=256);
 - lm_only: objective.kd_alpha=0, so the trainer skips the teacher entirely: the floor a cache can approach.
 
+The runs alternate over `--rounds` rounds (default 4): every round runs lm_only then cache (so the sequence is
+ABAB...), and every other round (the first, the third, ...) also times the teacher's forward on the trainer's first
+4 x 256 batch once and runs online, which is slow. Each round gives its own ratios, cache / lm_only and
+online / (teacher forward + lm_only step), from runs minutes apart, so that a change in the shared machine's load
+falls on both sides of a ratio; the file reports them per round (`ratio_rounds`), their median (`ratio_median`) and
+their spread (`ratio_spread`: min and max over rounds), beside the pooled medians of every run (`runs`,
+`ratio_to_lm_only`).
+
 A k=64 cache of the same run is written too, for its size. The held-out BPB cost of k=64 needs full quality runs and
 is left to the quality benchmark (bench/quality.py). The machine is shared: load averages are recorded around every
 run, and the figures are contended when they exceed the core count by more than `CONTENTION_MARGIN`.
 
-    python bench/cache_speed.py            # 10-20 minutes on 2 cores; writes bench/results/cache_speed.json
+    python bench/cache_speed.py                # ~30-40 minutes on 2 cores; writes bench/results/cache_speed.json
+    python bench/cache_speed.py --rounds 2     # shorter
 """
 
 from __future__ import annotations
 
+import argparse
+import gc
 import json
 import os
 import statistics
@@ -29,8 +40,11 @@ from accelerate.state import AcceleratorState
 
 from crosskd.api import cache_teacher
 from crosskd.config import load_config
+from crosskd.data.collate import collate_windows
+from crosskd.models.loading import load_model, load_tokenizer
 from crosskd.train import recipe
 from crosskd.train.logbook import Logbook
+from quality import first_trainer_windows, teacher_forward_seconds  # bench/, the directory of this script
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "cache_speed.json"
@@ -46,6 +60,41 @@ CONTENTION_MARGIN = 0.5
 
 def load_averages() -> list[float]:
     return [round(value, 2) for value in os.getloadavg()]
+
+
+def is_contended(measured: dict, cpus: int) -> bool:
+    """Whether a run's load averages, before or after it, exceed the core count by more than the margin."""
+    return max(measured["load_average_before"] + measured["load_average_after"]) > cpus + CONTENTION_MARGIN
+
+
+def round_ratios(lm_only: dict, cache: dict, online: dict | None, teacher_forward_seconds: float | None,
+                 cpus: int) -> dict:
+    """One round's ratios from its runs (each `timed_run`'s record): cache / lm_only, and where the round ran online,
+    online / (teacher forward + lm_only step), the cost of online KD over the least any online step can cost."""
+    lm_step = lm_only["median_step_seconds"]
+    ratios = {"cache_over_lm_only": round(cache["median_step_seconds"] / lm_step, 4)}
+    measured = [lm_only, cache]
+    if online is not None:
+        ratios["online_over_teacher_plus_lm_only"] = round(
+            online["median_step_seconds"] / (teacher_forward_seconds + lm_step), 4)
+        ratios["teacher_forward_seconds"] = round(teacher_forward_seconds, 3)
+        measured.append(online)
+    ratios["contended"] = any(is_contended(m, cpus) for m in measured)
+    return ratios
+
+
+RATIO_NAMES = ("cache_over_lm_only", "online_over_teacher_plus_lm_only")
+
+
+def median_and_spread(rounds: list[dict]) -> tuple[dict, dict]:
+    """({ratio: median over the rounds that have it}, {ratio: {"min", "max"}}) of each of RATIO_NAMES."""
+    median, spread = {}, {}
+    for name in RATIO_NAMES:
+        values = [ratios[name] for ratios in rounds if name in ratios]
+        if values:
+            median[name] = round(statistics.median(values), 4)
+            spread[name] = {"min": min(values), "max": max(values), "rounds": len(values)}
+    return median, spread
 
 
 def timed_run(config) -> dict:
@@ -77,6 +126,18 @@ def pooled(rounds: list[dict]) -> dict:
     return {"median_step_seconds": round(statistics.median(steps), 3), "rounds": rounds}
 
 
+def first_batch_teacher_seconds(config) -> float:
+    """The teacher's forward (no grad, one warm-up then one timed call) on the trainer's first batch of `config`."""
+    student_tokenizer = load_tokenizer(config.models.student, "student")
+    teacher_tokenizer = load_tokenizer(config.models.teacher, "teacher")
+    windows = first_trainer_windows(config, student_tokenizer, teacher_tokenizer, steps=1)
+    teacher = load_model(config.models.teacher, "teacher", dtype=config.models.teacher_dtype)
+    seconds = teacher_forward_seconds(teacher, collate_windows(windows, teacher.vocab.pad_id), repeats=1)
+    del teacher
+    gc.collect()
+    return seconds
+
+
 def cache_figures(config) -> dict:
     summary = cache_teacher(config, progress=False)
     return {"k": config.objective.kd_top_k, "bytes": summary.bytes, "aligned_positions": summary.positions,
@@ -87,6 +148,12 @@ def cache_figures(config) -> dict:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=4, help="rounds of lm_only, cache (online every other round)")
+    args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    cpus = os.cpu_count() or 1
     base = REPO / "configs" / "reference.yaml"
     with tempfile.TemporaryDirectory(prefix="crosskd-cache-bench-") as scratch:
         def config(name: str, *overrides: str, run: str | None = None):
@@ -96,24 +163,38 @@ def main() -> None:
         caches = {f"k{k}": cache_figures(config(f"k{k}", f"objective.kd_top_k={k}")) for k in (64, 256)}
         modes = {"online": ("online",), "cache": ("k256", "teacher.source=cache"),
                  "lm_only": ("lm_only", "objective.kd_alpha=0")}
-        # cache and lm_only, whose ratio is the question, alternate over two rounds so that a change in the load
-        # of the shared machine falls on both; the costlier online run is measured once.
-        order = ["lm_only", "cache", "online", "lm_only", "cache"]
         rounds: dict[str, list[dict]] = {name: [] for name in modes}
-        for name in order:
-            rounds[name].append(timed_run(config(*modes[name], run=f"{name}-{len(rounds[name])}")))
+        ratio_rounds = []
+
+        def timed(name: str) -> dict:
+            measured = timed_run(config(*modes[name], run=f"{name}-{len(rounds[name])}"))
+            rounds[name].append(measured)
+            return measured
+
+        for index in range(args.rounds):
+            lm_only, cache = timed("lm_only"), timed("cache")
+            online = teacher_seconds = None
+            if index % 2 == 0:
+                teacher_seconds = first_batch_teacher_seconds(config(*modes["online"]))
+                online = timed("online")
+            ratio_rounds.append({"round": index, **round_ratios(lm_only, cache, online, teacher_seconds, cpus)})
     runs = {name: pooled(measured) for name, measured in rounds.items()}
-    lm_only = runs["lm_only"]["median_step_seconds"]
+    lm_only_step = runs["lm_only"]["median_step_seconds"]
+    ratio_median, ratio_spread = median_and_spread(ratio_rounds)
     result = {
-        "what": "median optimizer-step time (s) over steps 2-6 of every round of configs/reference.yaml "
-                "(first-token, forward KL, k=256, batch 4 x 256 student tokens, fp32), and teacher-cache sizes of the "
+        "what": "median optimizer-step time (s) over steps 2-6 of every run of configs/reference.yaml "
+                "(first-token, forward KL, k=256, batch 4 x 256 student tokens, fp32), alternated over rounds "
+                "(lm_only, cache, and online every other round), per-round ratios, and teacher-cache sizes of the "
                 "same run",
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "contended": any(max(measured["load_average_before"] + measured["load_average_after"])
-                                     > os.cpu_count() + CONTENTION_MARGIN
+        "machine": {"cpus": cpus, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "contended": any(is_contended(measured, cpus)
                                      for run in runs.values() for measured in run["rounds"])},
+        "rounds": args.rounds,
         "runs": runs,
-        "ratio_to_lm_only": {name: round(run["median_step_seconds"] / lm_only, 3) for name, run in runs.items()},
+        "ratio_to_lm_only": {name: round(run["median_step_seconds"] / lm_only_step, 3) for name, run in runs.items()},
+        "ratio_rounds": ratio_rounds,
+        "ratio_median": ratio_median,
+        "ratio_spread": ratio_spread,
         "caches": caches,
         "k64_heldout_bpb_cost": None,
         "k64_heldout_bpb_cost_note": "needs full quality runs; left to the quality benchmark (bench/quality.py)",

@@ -224,6 +224,13 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def first_trainer_windows(config: Config, student_tokenizer, teacher_tokenizer, steps: int) -> list:
+    """The windows of the trainer's first `steps` batches (epoch 0, one process), in order."""
+    corpus = TrainingCorpus(config.data, student_tokenizer, teacher_tokenizer, teacher_tokenizer.pad_token_id)
+    batches = corpus.train_windows(start=0, process_index=0, num_processes=1, batch_size=config.training.batch_size)
+    return [window for batch in itertools.islice(batches, steps) for window in batch]
+
+
 def verify_windows(config: Config, steps: int) -> tuple[dict, list]:
     """The trainer's first steps x batch windows against `protocol_train_windows`: same ids, same order?
 
@@ -232,9 +239,7 @@ def verify_windows(config: Config, steps: int) -> tuple[dict, list]:
     student_tokenizer = load_tokenizer(config.models.student, "student")
     teacher_tokenizer = load_tokenizer(config.models.teacher, "teacher")
     batch_size = config.training.batch_size
-    corpus = TrainingCorpus(config.data, student_tokenizer, teacher_tokenizer, teacher_tokenizer.pad_token_id)
-    batches = corpus.train_windows(start=0, process_index=0, num_processes=1, batch_size=batch_size)
-    trainer_windows = [window for batch in itertools.islice(batches, steps) for window in batch]
+    trainer_windows = first_trainer_windows(config, student_tokenizer, teacher_tokenizer, steps)
     protocol_windows = protocol_train_windows(student_tokenizer, teacher_tokenizer, count=steps * batch_size,
                                               window_tokens=config.data.window_tokens)
     trainer_sha, protocol_sha = window_ids_sha256(trainer_windows), window_ids_sha256(protocol_windows)
@@ -250,16 +255,32 @@ def verify_windows(config: Config, steps: int) -> tuple[dict, list]:
     return record, protocol_windows
 
 
+def median_seconds(work, repeats: int = FLOOR_REPEATS) -> float:
+    """Median wall time of `repeats` calls of `work` after one warm-up call (first-call allocations)."""
+    work()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def teacher_forward_seconds(teacher, batch, repeats: int = FLOOR_REPEATS) -> float:
+    """The teacher's forward (no grad) on `batch`, timed like `median_seconds`."""
+    def teacher_forward() -> None:
+        with torch.no_grad():
+            teacher.model(input_ids=batch.teacher_input_ids, attention_mask=batch.teacher_attention_mask)
+
+    return median_seconds(teacher_forward, repeats)
+
+
 def measure_floor(config: Config, windows: list) -> dict:
     """Teacher forward (no grad) + student forward/backward with the LM loss on one protocol batch: what any
     online distillation step must at least cost on this machine."""
     teacher = load_model(config.models.teacher, "teacher", dtype=config.models.teacher_dtype)
     student = load_model(config.models.student, "student")
     batch = collate_windows(windows[: config.training.batch_size], teacher.vocab.pad_id)
-
-    def teacher_forward() -> None:
-        with torch.no_grad():
-            teacher.model(input_ids=batch.teacher_input_ids, attention_mask=batch.teacher_attention_mask)
 
     def student_forward_backward() -> None:
         logits = student.model(input_ids=batch.student_input_ids).logits
@@ -268,16 +289,7 @@ def measure_floor(config: Config, windows: list) -> dict:
         loss.backward()
         student.model.zero_grad(set_to_none=True)
 
-    def median_seconds(work) -> float:
-        work()  # warm-up: first-call allocations
-        times = []
-        for _ in range(FLOOR_REPEATS):
-            start = time.perf_counter()
-            work()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    teacher_seconds = median_seconds(teacher_forward)
+    teacher_seconds = teacher_forward_seconds(teacher, batch)
     student_seconds = median_seconds(student_forward_backward)
     del teacher, student
     gc.collect()

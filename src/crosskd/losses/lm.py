@@ -74,7 +74,9 @@ def _chunk_sums(
         token_logp = logp.gather(-1, lm_targets.clamp_min(0).unsqueeze(-1)).squeeze(-1).masked_fill(~has_target, 0.0)
     if kd_count == 0:
         return lm_sum, _empty_sum(hidden), 0, token_logp
-    kd_sum, kd_count = kd_loss_sum(logp[:kd_count], kd_target)
+    # A chunk of KD rows only passes its log-probabilities whole: the backward of a slice would allocate a zero
+    # [p, V] gradient and copy into it.
+    kd_sum, kd_count = kd_loss_sum(logp if kd_count == len(logp) else logp[:kd_count], kd_target)
     return lm_sum, kd_sum, kd_count, token_logp
 
 

@@ -191,12 +191,91 @@ def _require_unique_support(support_ids: Tensor, support_mask: Tensor) -> None:
         raise ValueError("support ids repeat within a position; merge duplicates (scatter-add) before distilling")
 
 
-def _support_indicator(support_ids: Tensor, support_mask: Tensor, vocab_size: int) -> Tensor:
-    """bool [P, V]: which ids are on the support. Masked slots write to a spare column that is dropped,
-    so a masked slot whose id is also a real token does not remove that token from the tail."""
-    redirected = support_ids.masked_fill(~support_mask, vocab_size)
-    indicator = torch.zeros(len(support_ids), vocab_size + 1, dtype=torch.bool, device=support_ids.device)
-    return indicator.scatter_(-1, redirected, True)[:, :vocab_size]
+#: Below this off-support mass (e^-50) the direct sum of probabilities is not trusted: terms below float32's smallest
+#: normal number (1.2e-38) may be flushed to 0, at most V * 1.2e-38 ~ 6e-34 in all, which relative to e^-50 ~ 2e-22 is
+#: 3e-12, far below float rounding; rows under it (a support holding all but e^-50 of the mass, or all of it) are
+#: summed in log space instead.
+_DIRECT_SUM_FLOOR = -50.0
+
+
+#: Rows of exp(logp) materialised at a time when summing the mass off the support: a few MB, which the allocator
+#: reuses from block to block, where one [P, V] buffer per chunk would be fresh memory (page faults on the CPU).
+_OFF_MASS_BLOCK_ROWS = 32
+
+
+def _off_support_log_mass(logp: Tensor, on_index: Tensor) -> Tensor:
+    """log of each row's probability outside the flat entries `on_index` of logp [P, V] (no gradient)."""
+    vocab_size = logp.shape[-1]
+    on_index = on_index.sort().values
+    starts = torch.arange(0, len(logp) + _OFF_MASS_BLOCK_ROWS, _OFF_MASS_BLOCK_ROWS, device=logp.device)
+    bounds = torch.searchsorted(on_index, starts.clamp_max(len(logp)) * vocab_size).tolist()
+    log_mass = logp.new_empty(len(logp))
+    for block, start in enumerate(range(0, len(logp), _OFF_MASS_BLOCK_ROWS)):
+        rows = slice(start, start + _OFF_MASS_BLOCK_ROWS)
+        mass = logp[rows].exp()
+        mass.view(-1).index_fill_(0, on_index[bounds[block]:bounds[block + 1]] - start * vocab_size, 0.0)
+        log_mass[rows] = mass.sum(-1).log()
+    low = log_mass < _DIRECT_SUM_FLOOR
+    if low.any():
+        rows = low.nonzero().squeeze(-1)
+        off = torch.ones_like(logp, dtype=torch.bool)
+        off.view(-1).index_fill_(0, on_index, False)
+        log_mass[rows] = logsumexp_or_neginf(logp[rows].masked_fill(~off[rows], -math.inf))
+    return log_mass
+
+
+class _GatherWithOffMass(torch.autograd.Function):
+    """(logp.view(-1)[flat_index], log of each row's mass off the support) with one [P, V] gradient buffer."""
+
+    @staticmethod
+    def forward(ctx, logp: Tensor, flat_index: Tensor, on_index: Tensor):
+        gathered = logp.reshape(-1)[flat_index]
+        log_off = _off_support_log_mass(logp, on_index)
+        ctx.save_for_backward(logp, flat_index, on_index, log_off)
+        return gathered, log_off
+
+    @staticmethod
+    def backward(ctx, grad_gathered: Tensor | None, grad_log_off: Tensor | None):
+        logp, flat_index, on_index, log_off = ctx.saved_tensors
+        if grad_log_off is None:
+            grad = torch.zeros_like(logp)
+        else:
+            # d log(sum_off p_j) / d logp_j = p_j / off mass, off the support only: exp(logp) times one factor per
+            # row where the mass was summed directly (at least e^-50, so the factor stays finite), exp(logp - log
+            # mass) in the rare rows below. A row with no mass off the support (its tail is -inf) gets none, as
+            # logsumexp_or_neginf gives it.
+            direct = log_off >= _DIRECT_SUM_FLOOR
+            factor = (grad_log_off * torch.exp(-log_off)).masked_fill(~direct, 0.0)
+            grad = logp.exp().mul_(factor.unsqueeze(-1))
+            low = ~direct & ~torch.isneginf(log_off)
+            if low.any():
+                rows = low.nonzero().squeeze(-1)
+                grad[rows] = (logp[rows] - log_off[rows].unsqueeze(-1)).exp() * grad_log_off[rows].unsqueeze(-1)
+            # Assigned, not multiplied: p_j / off mass may overflow to inf on the support.
+            grad.view(-1).index_fill_(0, on_index, 0.0)
+        if grad_gathered is not None:
+            grad.view(-1).index_add_(0, flat_index.reshape(-1), grad_gathered.reshape(-1))
+        return grad, None, None
+
+
+def gather_with_off_mass(logp: Tensor, flat_index: Tensor, on_support: Tensor) -> tuple[Tensor, Tensor]:
+    """The entries ``flat_index`` (any shape, into logp [P, V] flattened row-major) of the float log-probabilities
+    ``logp``, and the log of each row's probability outside the entries where ``on_support`` (bool, flat_index's shape;
+    other entries are only read): [P], -inf where nothing is left.
+
+    The mass outside the support is summed directly, p_j over the off-support entries (with the support's entries set
+    to 0 in a copy of exp(logp), no [P, V] indicator), never as 1 minus the support, so it stays exact when the support
+    holds nearly all the mass; rows where it is below e^-50 are summed in log space like `logsumexp_or_neginf`. The
+    backward writes both gradients into one [P, V] buffer (no per-gather zeros and adds)."""
+    logp = logp.contiguous()
+    on_index = flat_index[on_support]
+    return _GatherWithOffMass.apply(logp, flat_index, on_index)
+
+
+def row_flat_index(columns: Tensor, vocab_size: int) -> Tensor:
+    """int64 [P, C] column ids -> the same entries as flat indices into a row-major [P, vocab_size] tensor."""
+    rows = torch.arange(len(columns), device=columns.device).unsqueeze(-1)
+    return rows * vocab_size + columns
 
 
 @dataclass(frozen=True)
@@ -247,9 +326,22 @@ class StudentGroups:
         # Support ids that are no root read the spare last column, which stays 0.
         return root_probs.gather(-1, self.root_slot[support_ids])
 
-    def extend_indicator(self, indicator: Tensor) -> Tensor:
-        """bool [P, V] support indicator -> the same with every member of a support id's group set too."""
-        return indicator.index_copy(1, self.members, indicator[:, self.roots])
+    def member_mass_from(self, member_logp: Tensor, member_rows: Tensor, member_index: Tensor,
+                         support_ids: Tensor) -> Tensor:
+        """`member_mass_at` from the log-probabilities [n] of some (position `member_rows`, member `member_index`
+        into `members`) pairs, already gathered: those of the members whose root is on the position's support
+        (`members_on_support`) are all that is read."""
+        root_probs = member_logp.new_zeros(len(support_ids), self.spare_slot + 1)
+        root_probs.index_put_((member_rows, self.member_slot[member_index]), member_logp.exp(), accumulate=True)
+        # Support ids that are no root read the spare last column, which stays 0.
+        return root_probs.gather(-1, self.root_slot[support_ids])
+
+    def members_on_support(self, support_ids: Tensor, support_mask: Tensor) -> Tensor:
+        """bool [P, M]: which members' roots are on each position's support (masked slots are no support)."""
+        slots = self.root_slot[support_ids].masked_fill(~support_mask, self.spare_slot)
+        root_on = torch.zeros(len(support_ids), self.spare_slot + 1, dtype=torch.bool, device=support_ids.device)
+        root_on.scatter_(-1, slots, True)[:, self.spare_slot] = False
+        return root_on[:, self.member_slot]
 
 
 def pooled_with_members(root_logp: Tensor, member_mass: Tensor) -> Tensor:
@@ -279,11 +371,19 @@ def student_atoms(student_logits: Tensor, support_ids: Tensor, support_mask: Ten
     """
     _require_unique_support(support_ids, support_mask)
     logp = student_logits if normalized else upcast(student_logits).log_softmax(-1)
-    support_logp = logp.gather(-1, support_ids)
-    on_support = _support_indicator(support_ids, support_mask, logp.shape[-1])
+    rows, k = support_ids.shape
+    # One gather reads every entry the atoms need (the support ids, and with groups the members of support roots), and
+    # returns the off-support mass with it, so the backward writes one [P, V] gradient.
+    flat_index, on_support = row_flat_index(support_ids, logp.shape[-1]).flatten(), support_mask.flatten()
     if groups is not None:
-        support_logp = pooled_with_members(support_logp, groups.member_mass_at(logp, support_ids))
-        on_support = groups.extend_indicator(on_support)
+        # Only the members whose root is on the support: the others' mass stays in the tail and is never read.
+        member_rows, member_index = groups.members_on_support(support_ids, support_mask).nonzero(as_tuple=True)
+        flat_index = torch.cat([flat_index, member_rows * logp.shape[-1] + groups.members[member_index]])
+        on_support = torch.cat([on_support, torch.ones_like(member_rows, dtype=torch.bool)])
+    gathered, tail_logmass = gather_with_off_mass(logp, flat_index, on_support)
+    support_logp = gathered[:rows * k].view(rows, k)
+    if groups is not None:
+        member_mass = groups.member_mass_from(gathered[rows * k:], member_rows, member_index, support_ids)
+        support_logp = pooled_with_members(support_logp, member_mass)
     support_logp = support_logp.masked_fill(~support_mask, -math.inf)
-    off_support = logp.masked_fill(on_support, -math.inf)
-    return temper_atoms(support_logp, logsumexp_or_neginf(off_support), temperature)
+    return temper_atoms(support_logp, tail_logmass, temperature)

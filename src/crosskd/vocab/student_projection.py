@@ -25,7 +25,7 @@ from crosskd.data.encoding import token_bytes_table
 from crosskd.losses.chunking import upcast
 from crosskd.losses.divergences import Divergence
 from crosskd.losses.lm import KDLossSum
-from crosskd.losses.target import MappedTarget, TopKTarget, logsumexp_or_neginf, target_atoms, temper_atoms
+from crosskd.losses.target import MappedTarget, TopKTarget, gather_with_off_mass, target_atoms, temper_atoms
 from crosskd.teacher.online import TeacherNeeds
 from crosskd.vocab.first_token import (
     UNMAPPED,
@@ -146,16 +146,16 @@ def projected_student_atoms(student_logits: Tensor, target: MappedTarget, projec
     rank_in_slot = torch.arange(len(slot), device=logp.device) - slot_start[slot]
     students = projection.students_by_teacher[projection.first_student[target.ids].flatten()[slot] + rank_in_slot]
     row = slot // k
-    member_logp = logp[row, students]
+    # The entries and the mass off them in one gather (one [P, Vs] gradient buffer, no [P, Vs] indicator); every
+    # gathered entry is on the support.
+    member_logp, tail_logmass = gather_with_off_mass(logp, row * logp.shape[-1] + students,
+                                                     torch.ones_like(students, dtype=torch.bool))
     # Log-sum-exp per slot, shifted by the slot's largest member (detached: the shift cancels in value and gradient).
     shift = member_logp.new_zeros(rows * k).scatter_reduce(0, slot, member_logp.detach(), "amax", include_self=False)
     sums = member_logp.new_zeros(rows * k).index_add(0, slot, (member_logp - shift[slot]).exp())
     has_members = counts > 0
     # Empty slots take log(1) before they are masked: a log(0) there would put 0 * inf = NaN into the backward.
     support_logp = (sums.masked_fill(~has_members, 1.0).log() + shift).masked_fill(~has_members, -math.inf)
-    on_support = torch.zeros_like(logp, dtype=torch.bool)
-    on_support[row, students] = True
-    tail_logmass = logsumexp_or_neginf(logp.masked_fill(on_support, -math.inf))
     return temper_atoms(support_logp.view(rows, k), tail_logmass, temperature)
 
 
