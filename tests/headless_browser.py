@@ -4,11 +4,13 @@ and 4), so it needs nothing beyond the standard library and Debian's chromium.""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import select
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -50,6 +52,7 @@ class _Pipe:
              f"--user-data-dir={profile}", "about:blank"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             close_fds=False, preexec_fn=give_browser_its_fds,
+            start_new_session=True,  # its own process group, so close() can stop its helpers too
         )
         os.close(to_browser_read)
         os.close(from_browser_write)
@@ -96,14 +99,31 @@ class _Pipe:
         return json.loads(message)
 
     def close(self) -> None:
+        """Stop the browser and every helper process it started: killing the main process alone leaves its renderer
+        and utility processes running, still writing into the profile folder."""
         os.close(self._write)
         os.close(self._read)
-        self.process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # start_new_session made it the group's leader
         self.process.wait()
 
 
+def _remove_profile(profile: str, timeout: float = 10) -> None:
+    """The helpers die a moment after SIGKILL and may write a last file meanwhile (`Directory not empty`): retry."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            shutil.rmtree(profile)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def check_page(path: Path, browser: str) -> PageCheck:
-    with tempfile.TemporaryDirectory() as profile:
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    try:
         pipe = _Pipe(browser, profile)
         try:
             target = pipe.send("Target.createTarget", {"url": "about:blank"})["targetId"]
@@ -119,6 +139,8 @@ def check_page(path: Path, browser: str) -> PageCheck:
             return PageCheck(title, json.loads(result["value"]), _errors(pipe.events))
         finally:
             pipe.close()
+    finally:
+        _remove_profile(profile)
 
 
 def _errors(events: list[dict]) -> list[str]:
