@@ -156,6 +156,25 @@ def lm_only_steps_for(bpb: float, lm_steps: list[int], lm_bpb: list[float]) -> t
     return math.exp(math.log(s1) + (bpb - b1) * slope), True
 
 
+def never_rising(bpb: list[float]) -> list[float]:
+    """The closest curve to `bpb` (least squares) that never rises with more steps: each run of evaluations where
+    BPB went up is replaced by its mean (pool-adjacent-violators)."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for value in bpb:
+        blocks.append([value, 1])
+        while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:
+            (mean, count), (last, last_count) = blocks[-2], blocks.pop()
+            blocks[-1] = [(mean * count + last * last_count) / (count + last_count), count + last_count]
+    return [mean for mean, count in blocks for _ in range(count)]
+
+
+def lm_only_steps_smoothed(bpb: float, lm_steps: list[int], lm_bpb: list[float]) -> tuple[float, bool]:
+    """`lm_only_steps_for` on the never-rising LM-only curve. Point-to-point interpolation follows each evaluation's
+    noise: where LM-only's BPB rose from one evaluation to the next, its own later BPB is found at an earlier step
+    (a multiplier below 1 for LM-only against itself); on the smoothed curve that cannot happen."""
+    return lm_only_steps_for(bpb, lm_steps, never_rising(lm_bpb))
+
+
 def scenario_summary(scenario: Scenario, committed: dict) -> dict:
     """The scenario's curves: from the runs on this machine, and for a method with no run here, the curve of the
     committed summary (`committed`, this scenario's part of it: runs/ is not kept between machines)."""
@@ -165,15 +184,17 @@ def scenario_summary(scenario: Scenario, committed: dict) -> dict:
         if method not in methods or len(data["steps"]) > len(methods[method]["steps"]):
             methods[method] = data
     summary = {"steps_per_run": scenario.steps, "curve_steps": list(scenario.curve_steps), "methods": methods,
-               "multiplier": {}, "extrapolated": {}}
+               "multiplier": {}, "extrapolated": {}, "multiplier_smoothed": {}, "extrapolated_smoothed": {}}
     lm = methods.get(LM_ONLY)
     if lm and len(lm["steps"]) >= 2:
         for method, data in methods.items():
-            summary["multiplier"][method], summary["extrapolated"][method] = {}, {}
-            for step, bpb in zip(data["steps"], data["bpb"]):
-                reached, extrapolated = lm_only_steps_for(bpb, lm["steps"], lm["bpb"])
-                summary["multiplier"][method][str(step)] = reached / step
-                summary["extrapolated"][method][str(step)] = extrapolated
+            for reach, multiplier, flags in ((lm_only_steps_for, "multiplier", "extrapolated"),
+                                             (lm_only_steps_smoothed, "multiplier_smoothed", "extrapolated_smoothed")):
+                summary[multiplier][method], summary[flags][method] = {}, {}
+                for step, bpb in zip(data["steps"], data["bpb"]):
+                    reached, extrapolated = reach(bpb, lm["steps"], lm["bpb"])
+                    summary[multiplier][method][str(step)] = reached / step
+                    summary[flags][method][str(step)] = extrapolated
     return summary
 
 
@@ -192,7 +213,8 @@ def summarise() -> dict:
 
 
 def table(summary: dict, scenario: Scenario) -> str:
-    """BPB at each curve point, with the token multiplier (* extrapolated beyond the LM-only curve)."""
+    """BPB at each curve point, with the token multiplier interpolated between LM-only's points and, after "smoothed",
+    on LM-only's never-rising curve (* extrapolated beyond the LM-only curve)."""
     lines = [f"{scenario.name} ({scenario.steps} steps):", "",
              "| method | " + " | ".join(f"{s} steps" for s in scenario.curve_steps) + " |",
              "|---|" + "---|" * len(scenario.curve_steps)]
@@ -203,9 +225,11 @@ def table(summary: dict, scenario: Scenario) -> str:
                 cells.append("not run yet")
                 continue
             bpb = data["bpb"][data["steps"].index(step)]
-            multiplier = summary["multiplier"].get(method, {}).get(str(step))
-            flag = "*" if summary["extrapolated"].get(method, {}).get(str(step)) else ""
-            cells.append(f"{bpb:.4f}" + (f" ({multiplier:.2f}x{flag})" if multiplier is not None else ""))
+            multipliers = [f"{summary[kind][method][str(step)]:.2f}x"
+                           + ("*" if summary[flags][method][str(step)] else "")
+                           for kind, flags in (("multiplier", "extrapolated"), ("multiplier_smoothed", "extrapolated_smoothed"))
+                           if str(step) in summary.get(kind, {}).get(method, {})]
+            cells.append(f"{bpb:.4f}" + (f" ({multipliers[0]}; smoothed {multipliers[1]})" if multipliers else ""))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

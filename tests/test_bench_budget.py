@@ -36,6 +36,21 @@ def test_beyond_the_curve_the_last_slope_extrapolates_and_is_flagged():
 
 def test_a_curve_that_stopped_improving_reaches_nothing_better():
     assert budget_curve.lm_only_steps_for(0.60, [120, 240], [0.70, 0.70]) == (math.inf, True)
+    assert budget_curve.lm_only_steps_smoothed(0.60, [120, 240], [0.70, 0.70]) == (math.inf, True)
+
+
+def test_the_smoothed_curve_pools_the_evaluations_where_bpb_rose():
+    assert budget_curve.never_rising([0.73, 0.71, 0.712, 0.70]) == pytest.approx([0.73, 0.711, 0.711, 0.70])
+    assert budget_curve.never_rising([0.73, 0.70, 0.71, 0.72, 0.69]) == pytest.approx([0.73, 0.71, 0.71, 0.71, 0.69])
+    assert budget_curve.never_rising(LM_BPB) == LM_BPB
+    # One noisy evaluation (240 steps worse than 120): interpolation finds LM-only's own 240-step BPB before step
+    # 120, a multiplier of 0.47 for LM-only against itself; the smoothed curve reaches the pooled 0.711 first at 120
+    # and anything better only after 240.
+    noisy = [0.73, 0.71, 0.712, 0.70]
+    assert budget_curve.lm_only_steps_for(0.712, LM_STEPS, noisy)[0] < 120
+    assert budget_curve.lm_only_steps_smoothed(0.711, LM_STEPS, noisy) == (pytest.approx(120), False)
+    steps, extrapolated = budget_curve.lm_only_steps_smoothed(0.7105, LM_STEPS, noisy)
+    assert not extrapolated and 240 < steps < 480
 
 
 @pytest.mark.parametrize("scenario", [budget_curve.STREAM, budget_curve.DATA_LIMITED])
