@@ -175,9 +175,12 @@ def lm_only_steps_smoothed(bpb: float, lm_steps: list[int], lm_bpb: list[float])
     return lm_only_steps_for(bpb, lm_steps, never_rising(lm_bpb))
 
 
-def scenario_summary(scenario: Scenario, committed: dict) -> dict:
+def scenario_summary(scenario: Scenario, committed: dict, fresh_data_lm_only: dict | None = None) -> dict:
     """The scenario's curves: from the runs on this machine, and for a method with no run here, the curve of the
-    committed summary (`committed`, this scenario's part of it: runs/ is not kept between machines)."""
+    committed summary (`committed`, this scenario's part of it: runs/ is not kept between machines). Multipliers are
+    read on `fresh_data_lm_only` when given (for the data-limited scenario, the stream's LM-only curve: how many
+    steps of fresh text a run over repeated text is worth; its own LM-only curve rises once it overfits, and
+    reaches nothing below its best), else on this scenario's LM-only curve."""
     methods = {m: curve(m, scenario) | {"overrides": run_overrides(m, scenario)} for m in METHODS
                if records(m, scenario)}
     for method, data in committed.get("methods", {}).items():
@@ -185,7 +188,7 @@ def scenario_summary(scenario: Scenario, committed: dict) -> dict:
             methods[method] = data
     summary = {"steps_per_run": scenario.steps, "curve_steps": list(scenario.curve_steps), "methods": methods,
                "multiplier": {}, "extrapolated": {}, "multiplier_smoothed": {}, "extrapolated_smoothed": {}}
-    lm = methods.get(LM_ONLY)
+    lm = fresh_data_lm_only or methods.get(LM_ONLY)
     if lm and len(lm["steps"]) >= 2:
         for method, data in methods.items():
             for reach, multiplier, flags in ((lm_only_steps_for, "multiplier", "extrapolated"),
@@ -204,8 +207,10 @@ def summarise() -> dict:
     teacher = json.loads((RESULTS_DIR / f"{TEACHER}.json").read_text())["bpb_final"]
     path = RESULTS / "summary.json"
     committed = json.loads(path.read_text()) if path.exists() else {}
-    summary = {"untouched_bpb": untouched, "teacher_bpb": teacher, **scenario_summary(STREAM, committed),
-               "data_limited": scenario_summary(DATA_LIMITED, committed.get("data_limited", {})),
+    stream = scenario_summary(STREAM, committed)
+    summary = {"untouched_bpb": untouched, "teacher_bpb": teacher, **stream,
+               "data_limited": scenario_summary(DATA_LIMITED, committed.get("data_limited", {}),
+                                                fresh_data_lm_only=stream["methods"].get(LM_ONLY)),
                "command": "python bench/budget_curve.py"}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=1) + "\n")
@@ -246,7 +251,8 @@ def plot(summary: dict, path: Path = PLOT_PATH) -> None:
     figure, panels = plt.subplots(1, 2, figsize=(11, 4.4))
     for axes, (scenario, data) in zip(panels, scenarios):
         for method, curve_data in data["methods"].items():
-            axes.plot(curve_data["steps"], curve_data["bpb"], marker="o", label=method)
+            colour = f"C{list(METHODS).index(method) % 10}"  # one colour per method in both panels
+            axes.plot(curve_data["steps"], curve_data["bpb"], marker="o", label=method, color=colour)
         for value, label, style in ((summary["untouched_bpb"], "untouched student", ":"),
                                     (summary["teacher_bpb"], "teacher", "--")):
             axes.axhline(value, linestyle=style, color="black", linewidth=1, label=f"{label} {value:.3f}")

@@ -80,3 +80,12 @@ def test_a_method_without_a_run_here_keeps_its_committed_curve(tmp_path, monkeyp
     summary = budget_curve.scenario_summary(budget_curve.STREAM, committed)
     assert summary["methods"]["lm-only"]["bpb"] == [0.73, 0.71]
     assert summary["multiplier"]["lm-only"] == {"60": pytest.approx(1.0), "120": pytest.approx(1.0)}
+
+
+def test_the_data_limited_multipliers_count_steps_of_fresh_text(tmp_path, monkeypatch):
+    monkeypatch.setattr(budget_curve, "RUN_ROOT", tmp_path)
+    repeated = {"methods": {"lm-only": {"steps": [60, 120], "bpb": [0.73, 0.74]}}}  # overfits in its second epoch
+    fresh = {"steps": LM_STEPS, "bpb": LM_BPB}
+    summary = budget_curve.scenario_summary(budget_curve.DATA_LIMITED, repeated, fresh_data_lm_only=fresh)
+    assert summary["multiplier"]["lm-only"]["60"] == pytest.approx(1.0)  # its first epoch is fresh text
+    assert summary["multiplier"]["lm-only"]["120"] < 0.5 and summary["extrapolated"]["lm-only"]["120"]
