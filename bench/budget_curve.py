@@ -175,6 +175,11 @@ def lm_only_steps_smoothed(bpb: float, lm_steps: list[int], lm_bpb: list[float])
     return lm_only_steps_for(bpb, lm_steps, never_rising(lm_bpb))
 
 
+# Each token multiplier in summary.json: its key, the key of its extrapolation flags, how LM-only's steps are read.
+MULTIPLIERS = (("multiplier", "extrapolated", lm_only_steps_for),
+               ("multiplier_smoothed", "extrapolated_smoothed", lm_only_steps_smoothed))
+
+
 def scenario_summary(scenario: Scenario, committed: dict, fresh_data_lm_only: dict | None = None) -> dict:
     """The scenario's curves: from the runs on this machine, and for a method with no run here, the curve of the
     committed summary (`committed`, this scenario's part of it: runs/ is not kept between machines). Multipliers are
@@ -191,8 +196,7 @@ def scenario_summary(scenario: Scenario, committed: dict, fresh_data_lm_only: di
     lm = fresh_data_lm_only or methods.get(LM_ONLY)
     if lm and len(lm["steps"]) >= 2:
         for method, data in methods.items():
-            for reach, multiplier, flags in ((lm_only_steps_for, "multiplier", "extrapolated"),
-                                             (lm_only_steps_smoothed, "multiplier_smoothed", "extrapolated_smoothed")):
+            for multiplier, flags, reach in MULTIPLIERS:
                 summary[multiplier][method], summary[flags][method] = {}, {}
                 for step, bpb in zip(data["steps"], data["bpb"]):
                     reached, extrapolated = reach(bpb, lm["steps"], lm["bpb"])
@@ -232,7 +236,7 @@ def table(summary: dict, scenario: Scenario) -> str:
             bpb = data["bpb"][data["steps"].index(step)]
             multipliers = [f"{summary[kind][method][str(step)]:.2f}x"
                            + ("*" if summary[flags][method][str(step)] else "")
-                           for kind, flags in (("multiplier", "extrapolated"), ("multiplier_smoothed", "extrapolated_smoothed"))
+                           for kind, flags, _ in MULTIPLIERS
                            if str(step) in summary.get(kind, {}).get(method, {})]
             cells.append(f"{bpb:.4f}" + (f" ({multipliers[0]}; smoothed {multipliers[1]})" if multipliers else ""))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
