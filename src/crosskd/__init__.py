@@ -15,6 +15,6 @@ __version__ = "0.1.0"
 
 import crosskd.testing.tiny_models  # noqa: E402,F401  (registers the `tiny:` model pair)
 import crosskd.vocab  # noqa: E402,F401  (registers the built-in vocabulary transfers and their config checks)
-from crosskd.api import TrainResult, cache_teacher, distill, load_config  # noqa: E402
+from crosskd.api import TrainResult, cache_teacher, distill, load_config, write_teacher_text  # noqa: E402
 
-__all__ = ["TrainResult", "cache_teacher", "distill", "load_config"]
+__all__ = ["TrainResult", "cache_teacher", "distill", "load_config", "write_teacher_text"]

@@ -32,7 +32,10 @@ from crosskd.models.loading import load_model
 from crosskd.models.reference import SetupError, ensure_reference_models
 from crosskd.report.model_card import write_model_card
 from crosskd.report.page import report_path, write_report
+from crosskd.data.teacher_text import TeacherTextError
 from crosskd.teacher.cache import DEFAULT_SHARD_MEGABYTES, CacheSummary, TeacherCacheError, write_teacher_cache
+from crosskd.teacher.writing import WritingSummary
+from crosskd.teacher.writing import write_teacher_text as write_teacher_text_folder
 from crosskd.train.checkpoint import CheckpointError
 from crosskd.train.recipe import RunFolderError, TrainingStopped, TrainResult, train
 from crosskd.vocab.transfer import transfer_class
@@ -87,6 +90,12 @@ def cache_teacher(config: ConfigSource, overrides: Sequence[str] = (), processes
                                shard_megabytes=shard_megabytes, progress=progress)
 
 
+def write_teacher_text(config: ConfigSource, overrides: Sequence[str] = (), progress: bool = True) -> WritingSummary:
+    """Sample the teacher's continuations of the run's first training windows into `data.teacher_text.dir`
+    (resumes); a run with the same config trains on them (docs/TEACHER_TEXT.md)."""
+    return write_teacher_text_folder(load_config(config, overrides), progress=progress)
+
+
 def cli_train(args) -> int:
     try:
         result = distill(args.config, args.overrides, resume=args.resume, debug=args.debug,
@@ -120,6 +129,17 @@ def cli_cache_teacher(args) -> int:
     train_command = ["crosskd", "train", args.config, *args.overrides, "teacher.source=cache",
                      f"teacher.cache_dir={summary.cache_dir}"]
     print(f"train from it with: {shlex.join(train_command)}")
+    return 0
+
+
+def cli_write_teacher_text(args) -> int:
+    try:
+        summary = write_teacher_text(args.config, args.overrides)
+    except TeacherTextError as error:
+        print(f"crosskd write-teacher-text: error: {error}", file=sys.stderr)
+        return 2
+    print(summary.describe())
+    print(f"train on it with: {shlex.join(['crosskd', 'train', args.config, *args.overrides])}")
     return 0
 
 

@@ -104,6 +104,21 @@ def _add_cache_teacher(sub) -> None:
     p.set_defaults(handler="crosskd.api:cli_cache_teacher")
 
 
+def _add_write_teacher_text(sub) -> None:
+    p = sub.add_parser(
+        "write-teacher-text",
+        help="let the teacher write continuations of the training windows, as extra training text",
+        description=(
+            "Prompt the teacher with the start of each of the run's first training windows and sample its "
+            "continuations into data.teacher_text.dir (settings: data.teacher_text.*). A run with the same config "
+            "trains on them beside its own windows: sequence-level distillation (docs/TEACHER_TEXT.md). Resumes an "
+            "interrupted writing."
+        ),
+    )
+    _add_run_config(p)
+    p.set_defaults(handler="crosskd.api:cli_write_teacher_text")
+
+
 def _add_eval(sub) -> None:
     p = sub.add_parser(
         "eval",
@@ -172,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--traceback", action="store_true",
                         help="on an error, show the Python traceback too (also CROSSKD_TRACEBACK=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_setup_models, _add_align_report, _add_train, _add_report, _add_cache_teacher, _add_eval,
-                _add_generate, _add_plan, _add_doctor):
+    for add in (_add_setup_models, _add_align_report, _add_train, _add_report, _add_write_teacher_text,
+                _add_cache_teacher, _add_eval, _add_generate, _add_plan, _add_doctor):
         add(sub)
     return parser
 

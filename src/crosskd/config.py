@@ -76,6 +76,28 @@ class ChatConfig:
 
 
 @dataclass
+class TeacherTextConfig:
+    """Text the teacher writes, added to the training windows (sequence-level distillation; docs/TEACHER_TEXT.md).
+
+    `crosskd write-teacher-text` prompts the teacher with the start of each of the first training windows and samples
+    its continuations into `dir`; a run whose `dir` is set trains on those continuations beside its own windows."""
+
+    dir: str | None = None  # null: no teacher text
+    # The windows whose starts prompt the teacher: the first this many of the training stream (null:
+    # data.max_train_windows, the windows of a small corpus).
+    prompt_windows: int | None = None
+    prompt_tokens: int = 32  # student tokens of a window's start that make its prompt
+    samples_per_window: int = 3
+    new_tokens: int = 256  # teacher tokens per continuation, at most (its end-of-text token ends one sooner)
+    # Sampling: temperature 1 with top_p 1 draws from the teacher's own distribution, so training on the text is
+    # sequence-level forward KL; lower values give likelier, less varied text.
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 16  # prompts per generate call
+
+
+@dataclass
 class DataConfig:
     # `python-stdlib`, `python-stdlib-chat` (format messages), a text file / folder / glob, a .jsonl or .parquet
     # file, a datasets folder, builder:files or hub:<dataset id>.
@@ -96,6 +118,7 @@ class DataConfig:
     # Train on only the first this many windows of the training stream (null: all of it), repeated every epoch in a
     # new seeded order (the first epoch keeps the stream's): a small corpus, as a user with little text has one.
     max_train_windows: int | None = None
+    teacher_text: TeacherTextConfig = field(default_factory=TeacherTextConfig)
 
 
 KD_BALANCES = ("fixed", "gradient-norm")
@@ -390,6 +413,7 @@ def validate(config: Config) -> None:
     if config.data.max_train_windows is not None and config.data.max_train_windows < 1:
         raise ConfigError(f"data.max_train_windows must be at least 1 or null (all windows), got "
                           f"{config.data.max_train_windows}")
+    _check_teacher_text(config.data)
     if objective.kd_top_k < 1:
         raise ConfigError("objective.kd_top_k must be at least 1")
     if config.data.window_tokens < 2:
@@ -410,6 +434,29 @@ def validate(config: Config) -> None:
     _check_optimizer(config.optimizer)
     if config.teacher.source == "cache":
         require_cacheable_terms(config)
+
+
+def _check_teacher_text(data: DataConfig) -> None:
+    text = data.teacher_text
+    if text.dir is None:
+        return
+    if data.format != "text":
+        raise ConfigError(f"data.teacher_text is for plain text; data.format is {data.format!r}: set "
+                          "data.teacher_text.dir=null for conversations")
+    if text.prompt_windows is None and data.max_train_windows is None:
+        raise ConfigError("data.teacher_text.prompt_windows is null and so is data.max_train_windows: set one of them "
+                          "to the number of training windows whose starts prompt the teacher")
+    for key in ("prompt_tokens", "samples_per_window", "new_tokens", "batch_size"):
+        if getattr(text, key) < 1:
+            raise ConfigError(f"data.teacher_text.{key} must be at least 1, got {getattr(text, key)}")
+    if text.prompt_windows is not None and text.prompt_windows < 1:
+        raise ConfigError(f"data.teacher_text.prompt_windows must be at least 1 or null, got {text.prompt_windows}")
+    if text.prompt_tokens >= data.window_tokens:
+        raise ConfigError(f"data.teacher_text.prompt_tokens ({text.prompt_tokens}) must be below data.window_tokens "
+                          f"({data.window_tokens}): a prompt is the start of a window")
+    if text.temperature <= 0 or not 0 < text.top_p <= 1:
+        raise ConfigError(f"data.teacher_text needs temperature > 0 and 0 < top_p <= 1, got temperature "
+                          f"{text.temperature}, top_p {text.top_p}")
 
 
 def _check_optimizer(optimizer: OptimizerConfig) -> None:

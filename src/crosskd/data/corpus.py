@@ -7,6 +7,10 @@ takes `batch_size x accumulation x processes` consecutive windows and process p 
 micro-batch, so the data position of a resumed run is a single number (`windows_consumed`). With
 `data.max_train_windows` the stream is the first epoch's first windows, repeated in a new seeded order each epoch.
 
+Teacher-written text (`data.teacher_text.dir`, data/teacher_text.py) joins the stream: without a window limit its
+continuations are documents shuffled in with the corpus's own each epoch; with one, its windows (all of them, beyond
+the limit) are shuffled in with the kept windows, the first epoch included.
+
 Conversations (`data.format` messages / prompt-completion, docs/CHAT.md) take the place of documents: one window per
 conversation (data/chat_windows.py), the same seeded split, shuffle and stream; every training conversation is
 rendered once by the student when the corpus is built (about 5 ms each), which counts the conversations the window
@@ -25,6 +29,7 @@ from crosskd.data.chat_windows import ChatWindows, DualConversation, ScoredSeque
 from crosskd.data.collate import DualBatch, collate_windows
 from crosskd.data.encoding import encode_with_byte_spans
 from crosskd.data.sources import Document, load_documents, split_documents
+from crosskd.data.teacher_text import load_teacher_text
 from crosskd.data.windows import DualWindow, dual_windows
 
 TEXT_FORMAT = "text"
@@ -72,6 +77,7 @@ class TrainingCorpus:
             raise ValueError(f"data.source {data.source!r} leaves no training documents after the held-out split; "
                              "add documents or reduce data.heldout_documents / data.eval_fraction")
         self.train_documents = list(train)
+        self.teacher_documents = [] if data.teacher_text.dir is None else load_teacher_text(data.teacher_text.dir)
         self.heldout_documents = _in_requested_order(held_out, data.heldout_documents)
         self.conversation_tally = None
         self._heldout_conversations: list[DualConversation] | None = None
@@ -107,13 +113,14 @@ class TrainingCorpus:
         text = "".join(document.text for document in self.heldout_documents)
         return text if self.config.eval_max_chars is None else text[: self.config.eval_max_chars]
 
-    def _epoch_documents(self, epoch: int) -> list[Document]:
-        documents = list(self.train_documents)
+    def _epoch_documents(self, epoch: int, with_teacher_text: bool) -> list[Document]:
+        documents = self.train_documents + (self.teacher_documents if with_teacher_text else [])
         random.Random(self.config.seed + epoch).shuffle(documents)
         return documents
 
-    def _epoch_windows(self, epoch: int) -> Iterator[DualWindow]:
-        return self._windows_of(self._epoch_documents(epoch), f"training conversations (epoch {epoch})")
+    def _epoch_windows(self, epoch: int, with_teacher_text: bool = False) -> Iterator[DualWindow]:
+        return self._windows_of(self._epoch_documents(epoch, with_teacher_text),
+                                f"training conversations (epoch {epoch})")
 
     def check_training_window(self) -> None:
         """Raise before the first step when the training documents give no window: the endless stream would
@@ -143,7 +150,7 @@ class TrainingCorpus:
         limit = self.config.max_train_windows
         if limit is None:
             for epoch in itertools.count():
-                windows = self._epoch_windows(epoch)
+                windows = self._epoch_windows(epoch, with_teacher_text=True)
                 first = next(windows, None)
                 if first is None:  # every epoch holds the same documents: none will ever give a window
                     raise self._no_window_error()
@@ -155,23 +162,33 @@ class TrainingCorpus:
         kept = list(itertools.islice(self._epoch_windows(0), limit))
         if not kept:
             raise self._no_window_error()
-        yield from kept
-        for epoch in itertools.count(1):
+        kept += self._windows_of(self.teacher_documents, "teacher text")
+        if not self.teacher_documents:
+            yield from kept  # the first epoch in the stream's order, as the benchmark protocol reads it
+        for epoch in itertools.count(1 if not self.teacher_documents else 0):
             order = list(range(len(kept)))
             random.Random(self.config.seed + epoch).shuffle(order)
             yield from (kept[index] for index in order)
 
+    def stream_windows(self, count: int) -> list[DualWindow]:
+        """The first `count` windows of the training stream (fewer where a limited corpus has fewer)."""
+        return list(itertools.islice(self._all_windows(), count))
+
     def count_train_windows(self) -> int:
         """Windows in one epoch (tokenises the training documents with the student once; a conversation is one
-        window unless it was skipped)."""
+        window unless it was skipped), teacher-written text included."""
         if self.conversation_tally is not None:
             windows = self.conversation_tally.conversations - len(self.conversation_tally.skipped)
         else:
-            tokens = sum(len(encode_with_byte_spans(self.student_tokenizer, d.text)) + 1
-                         for d in self.train_documents)
-            windows = tokens // self.config.window_tokens
+            windows = self._windows_in(self.train_documents)
         limit = self.config.max_train_windows
-        return windows if limit is None else min(windows, limit)
+        if limit is not None:
+            windows = min(windows, limit)
+        return windows + self._windows_in(self.teacher_documents)
+
+    def _windows_in(self, documents: list[Document]) -> int:
+        tokens = sum(len(encode_with_byte_spans(self.student_tokenizer, d.text)) + 1 for d in documents)
+        return tokens // self.config.window_tokens
 
     def optimizer_steps(self, training: TrainingConfig, windows_per_step: int) -> int:
         """The run's length in optimizer steps: training.max_steps, or training.epochs over the training windows."""

@@ -33,6 +33,7 @@ from crosskd.data.chat_windows import chat_template_of
 from crosskd.data.collate import DualBatch
 from crosskd.data.corpus import TEXT_FORMAT
 from crosskd.data.sources import Document
+from crosskd.data.teacher_text import load_teacher_text
 from crosskd.losses.target import TopKTarget
 from crosskd.teacher.online import TeacherNeeds, TeacherSignal
 from crosskd.models.fingerprints import documents_hash, file_sha256, tokenizer_hash, valid_ids_hash, weights_hash
@@ -246,6 +247,7 @@ FINGERPRINT_FIELDS = {
     "corpus_text": "the documents of data.source (their text changed)",
     **{f"data.{key}": f"data.{key}" for key in DATA_KEYS},
     **CHAT_FINGERPRINT_FIELDS,
+    "teacher_text": "the continuations in data.teacher_text.dir (written by crosskd write-teacher-text)",
     "training.mixed_precision": "training.mixed_precision (the teacher runs under the run's autocast)",
     "objective.kd_top_k": "objective.kd_top_k",
     "signal": "objective.strategy and its options (what the vocabulary transfer reads of the teacher)",
@@ -278,6 +280,9 @@ def run_fingerprint(config: Config, needs: TeacherNeeds, teacher, student_tokeni
         "corpus_text": documents_hash(documents),
         **{f"data.{key}": getattr(config.data, key) for key in DATA_KEYS},
         **chat_fingerprint(config, teacher.tokenizer, student_tokenizer),
+        # Only where the run reads teacher text, so that the caches of other runs still serve.
+        **({} if config.data.teacher_text.dir is None else
+           {"teacher_text": documents_hash(load_teacher_text(config.data.teacher_text.dir))}),
         "training.mixed_precision": config.training.mixed_precision,
         "objective.kd_top_k": config.objective.kd_top_k,
         "signal": layout_signal(needs),
