@@ -100,6 +100,25 @@ def test_pairs_are_response_positions_whose_next_bytes_match_on_both_sides(pair)
     assert dual.window().student_loss_mask[pairs.student_pos].all()
 
 
+@pytest.mark.parametrize("pair", range(2))
+def test_skipping_turn_starts_drops_exactly_each_responses_first_pair_from_kd(pair):
+    student, teacher = _pairs_of_tokenizers()[pair]
+    every = ChatWindows(ChatConfig(), student, teacher, 10_000).dual(CONVERSATION)
+    skipping = ChatWindows(ChatConfig(kd_skip_turn_starts=True), student, teacher, 10_000).dual(CONVERSATION)
+    turn_starts = {int(every.student.content_start[every.student.message == turn][0]) for turn in (1, 3)}
+
+    def pairs_by_start(dual):
+        pairs = dual.window().pairs
+        return {(int(dual.student.content_start[i + 1]), int(i), int(j))
+                for i, j in zip(pairs.student_pos, pairs.teacher_pos)}
+
+    dropped = pairs_by_start(every) - pairs_by_start(skipping)
+    assert pairs_by_start(skipping) <= pairs_by_start(every)
+    assert {start for start, _, _ in dropped} == turn_starts and len(dropped) == 2
+    # The LM term still trains every response token: the loss mask is the same.
+    np.testing.assert_array_equal(every.window().student_loss_mask, skipping.window().student_loss_mask)
+
+
 def test_a_prompt_change_leaves_the_response_pairs_unchanged():
     windows = ChatWindows(ChatConfig(), tiny_student_tokenizer(), tiny_teacher_tokenizer(), 10_000)
     other = Conversation("x", "x", (Message("system", "Be brief."),

@@ -69,6 +69,9 @@ class ChatConfig:
     system_prompt: str | None = None
     # false: the loss is on the assistant turns only (and each model's end-of-turn token); true: every position.
     train_on_prompts: bool = False
+    # true: KD leaves out the pair at each trained turn's first byte (the LM term still trains it): where the teacher's
+    # own answers start otherwise than the data's (docs/CHAT.md, "Where KD loses").
+    kd_skip_turn_starts: bool = False
     # A chat template (Jinja text, or the path of a .jinja file) for a tokenizer that has none or to replace its own;
     # null: the tokenizer's `chat_template`.
     student_template: str | None = None

@@ -16,6 +16,8 @@ end, identical on both sides), and template tokens take part as context only.
   (a response; every turn with `train_on_prompts`), which includes each turn's first byte: both models are about to
   predict the same response byte. The end-of-turn prediction has no pair: the two end-of-turn tokens are
   special tokens that stand for no bytes, which no vocabulary transfer can map, so KD leaves it to the LM term.
+  With `data.chat.kd_skip_turn_starts` the pair at each trained turn's first byte is left out too: there the teacher
+  predicts how *its* answers start (a code fence, prose), which the data's answers need not share (docs/CHAT.md).
 - Windows: one conversation per window, right-padded in the batch (no packing: attention never crosses
   conversations). A conversation of more than `window_tokens` student tokens is cut after its first `window_tokens`
   tokens (whole tokens), the teacher's after the same content byte; one with nothing left to train is skipped. Both
@@ -251,6 +253,7 @@ class DualConversation:
     teacher: EncodedConversation
     train_on_prompts: bool
     truncated: bool
+    kd_skip_turn_starts: bool = False
 
     @property
     def trained_turns(self) -> np.ndarray:
@@ -262,6 +265,8 @@ class DualConversation:
 
     def window(self) -> DualWindow:
         keyed = [_next_token_keys(side, self.trained_turns) for side in (self.student, self.teacher)]
+        if self.kd_skip_turn_starts:
+            keyed[0] = _without_turn_starts(self.student, self.trained_turns, *keyed[0])
         pairs = pairs_of_keys(self.student.tokens, self.teacher.tokens, *keyed[0], *keyed[1])
         in_response = self.student.in_turns(self.student.responses)
         student_bytes = self.student.tokens.byte_ends - self.student.tokens.byte_starts
@@ -295,8 +300,18 @@ def _next_token_keys(encoded: EncodedConversation, turns: np.ndarray) -> tuple[n
     return keys, positions[first].astype(np.int64)
 
 
+def _without_turn_starts(encoded: EncodedConversation, turns: np.ndarray, keys: np.ndarray,
+                         positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`_next_token_keys`' keys and positions less those of each turn's first content byte (a token with bytes
+    there: key 2 x start + 1)."""
+    starts = [encoded.content_start[np.flatnonzero(encoded.message == turn)[0]] for turn in turns
+              if (encoded.message == turn).any()]
+    kept = ~np.isin(keys, 2 * np.asarray(starts, dtype=np.int64) + 1)
+    return keys[kept], positions[kept]
+
+
 def dual_conversation(conversation: Conversation, student: ChatRenderer, teacher: ChatRenderer, window_tokens: int,
-                      train_on_prompts: bool) -> DualConversation:
+                      train_on_prompts: bool, kd_skip_turn_starts: bool = False) -> DualConversation:
     """Both models' tokens of `conversation`, the student's cut after `window_tokens` tokens and the teacher's after
     the same content byte (its tokens that end no later than the student's last kept one)."""
     student_tokens, teacher_tokens = student.encode(conversation), teacher.encode(conversation)
@@ -305,7 +320,7 @@ def dual_conversation(conversation: Conversation, student: ChatRenderer, teacher
         student_tokens = student_tokens.head(window_tokens)
         last_byte = student_tokens.content_end[-1]
         teacher_tokens = teacher_tokens.head(int(np.searchsorted(teacher_tokens.content_end, last_byte, "right")))
-    return DualConversation(student_tokens, teacher_tokens, train_on_prompts, truncated)
+    return DualConversation(student_tokens, teacher_tokens, train_on_prompts, truncated, kd_skip_turn_starts)
 
 
 @dataclass
@@ -344,9 +359,11 @@ class ChatWindows:
         self.teacher = ChatRenderer(teacher_tokenizer, chat, "teacher")
         self.window_tokens = window_tokens
         self.train_on_prompts = chat.train_on_prompts
+        self.kd_skip_turn_starts = chat.kd_skip_turn_starts
 
     def dual(self, conversation: Conversation) -> DualConversation:
-        return dual_conversation(conversation, self.student, self.teacher, self.window_tokens, self.train_on_prompts)
+        return dual_conversation(conversation, self.student, self.teacher, self.window_tokens, self.train_on_prompts,
+                                 self.kd_skip_turn_starts)
 
     def windows(self, conversations: Iterable[Conversation], what: str) -> Iterator[DualWindow]:
         """One window per conversation that has a trained position left in the window; the pass's cuts and skips
