@@ -5,7 +5,9 @@ conversation per row of at most 512 student tokens, batch 4, lr 2e-5 constant, f
 `crosskd train` process:
 
 - lm-only: supervised fine-tuning on the responses (objective.kd_alpha=0; the teacher is not run in the steps);
-- first-token: crosskd's default on the same data, teacher online.
+- first-token: crosskd's default on the same data, teacher online;
+- first-token-skip-turn-starts: the default with `data.chat.kd_skip_turn_starts=true` (KD leaves each response's
+  first token to the LM term, where the teacher expects its own answer format; docs/CHAT.md).
 
 Each run's log.jsonl gives the untouched student's and the teacher's responses-only BPB (its `start` record), the
 trained student's (the last `eval` record), every step's wall time and real (unpadded) student tokens per second,
@@ -13,8 +15,11 @@ and the share of trained student positions that have a KD pair (`kd_position_sha
 comparison divides the conversational step's time per real token by the protocol's (bench/results/quality/<method>.json:
 4 x 256 tokens, no padding). A method whose result file exists is skipped unless --force.
 
-    python bench/chat_quality.py                 # both methods (~45 min on 2 cores), then bench/results/chat.json
+    python bench/chat_quality.py                 # every method (~15 min each on 2 cores), then bench/results/chat.json
+    python bench/chat_quality.py --methods first-token-skip-turn-starts   # only these
     python bench/chat_quality.py --summary       # rebuild the summary from the runs there
+
+A method with no run on this machine (runs/ is not committed) keeps its record from the committed chat.json.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ RUN_ROOT = REPO / "runs" / "bench-chat"
 RESULTS = REPO / "bench" / "results" / "chat.json"
 PLAIN_TEXT_RESULTS = REPO / "bench" / "results" / "quality"
 COMMON = ("training.log_every=1", "output.tensorboard=false")
-METHODS = {"lm-only": ("objective.kd_alpha=0",), "first-token": ()}
+METHODS = {"lm-only": ("objective.kd_alpha=0",), "first-token": (),
+           "first-token-skip-turn-starts": ("data.chat.kd_skip_turn_starts=true",)}
 
 
 def command(method: str) -> list[str]:
@@ -86,11 +92,17 @@ def plain_text_ratio(method: str, real_tokens_per_second: float) -> dict | None:
     return {"plain_text_tokens_per_second": plain, "seconds_per_token_ratio": plain / real_tokens_per_second}
 
 
-def summary(runs: dict) -> dict:
-    methods = {m: measured(m) | runs.get(m, {}) for m in METHODS if (RUN_ROOT / m / "log.jsonl").exists()}
-    for method, record in methods.items():
-        record["against_plain_text"] = plain_text_ratio(method, record["median_real_tokens_per_second"])
-        record["command"] = shlex.join(["python", "-m", "crosskd.cli", *command(method)[3:]])
+def summary(runs: dict, previous: dict) -> dict:
+    """Each method's record: measured from its run here, else the committed one (`previous`)."""
+    methods = {}
+    for method in METHODS:
+        if (RUN_ROOT / method / "log.jsonl").exists():
+            record = measured(method) | runs.get(method, {})
+            record["against_plain_text"] = plain_text_ratio(method, record["median_real_tokens_per_second"])
+            record["command"] = shlex.join(["python", "-m", "crosskd.cli", *command(method)[3:]])
+            methods[method] = record
+        elif method in previous:
+            methods[method] = previous[method]
     result = {"config": str(CONFIG.relative_to(REPO)), "methods": methods}
     if "lm-only" in methods:
         base = methods["lm-only"]
@@ -104,18 +116,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--force", action="store_true", help="re-run methods that have a run already")
     parser.add_argument("--summary", action="store_true", help="only rebuild the summary")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"from: {', '.join(METHODS)}")
     args = parser.parse_args()
+    chosen = [name.strip() for name in args.methods.split(",") if name.strip()]
+    for method in chosen:
+        if method not in METHODS:
+            parser.error(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     previous = json.loads(RESULTS.read_text())["methods"] if RESULTS.exists() else {}
     runs = {m: {k: previous[m][k] for k in ("process_wall_seconds", "peak_rss_mib") if k in previous.get(m, {})}
             for m in METHODS}
     if not args.summary:
-        for method in METHODS:
+        for method in chosen:
             finished = (RUN_ROOT / method / "student").is_dir()
             if finished and not args.force:
                 print(f"{method}: finished already")
                 continue
             runs[method] = train(method)
-    result = summary(runs)
+    result = summary(runs, previous)
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({m: {k: r[k] for k in ("bpb_untouched", "bpb_teacher", "bpb_final", "median_step_seconds",
                                              "kd_position_share_mean")} for m, r in result["methods"].items()},
