@@ -3,7 +3,9 @@
 One run per method, 480 optimizer steps of 4 x 256 tokens (no window repeated: the protocol's window stream continues
 past its first 240 windows), evaluated every 60 steps (the curve's points: 60, 120, 240 and 480). The data-limited
 case (`--data-limited`) trains 4 epochs over the 240 protocol windows (`data.max_train_windows=240`), evaluated after
-each epoch: what a user with a small corpus gets, where LM-only is expected to overfit. The learning rate is constant
+each epoch: what a user with a small corpus gets, where LM-only is expected to overfit. With `--teacher-text` the
+same 240 windows are joined by the teacher's own continuations of their starts (`crosskd write-teacher-text`,
+sequence-level distillation), and the 240 steps read both, shuffled together. The learning rate is constant
 after the protocol's 6 warm-up steps and the KD warm-up spans the protocol's first 12 steps whatever the run's length,
 so a run's BPB at step s stands for a run of s steps. The teacher comes from a cache of the whole run's windows
 (`cache-teacher` resumes, so it can be built over several sittings); every run checkpoints at each evaluation and
@@ -12,12 +14,14 @@ resumes where it stopped, so the benchmark can span sessions.
     python bench/budget_curve.py                                  # every method, resuming what is there
     python bench/budget_curve.py --methods lm-only,first-token    # only these
     python bench/budget_curve.py --data-limited                   # 4 epochs over the 240 protocol windows
+    python bench/budget_curve.py --data-limited --teacher-text    # ... plus the teacher's continuations of them
     python bench/budget_curve.py --summary                        # summary.json, the tables and docs/budget.png
 
 Methods are named as in bench/quality.py and take its overrides (their teacher cache moved to this run length's).
 Writes bench/results/budget/summary.json:
 {"untouched_bpb", "teacher_bpb", "methods": {name: {"steps", "bpb", "wall_seconds", "step_seconds", "overrides"}},
- "multiplier": {name: {"<steps>": x}}, "extrapolated": {name: {"<steps>": bool}}, "data_limited": {"methods": ...}}:
+ "multiplier": {name: {"<steps>": x}}, "extrapolated": {name: {"<steps>": bool}}, "data_limited": {"methods": ...},
+ "data_limited_teacher_text": {"methods": ...}}:
 the token multiplier of a method
 at s steps is the number of LM-only steps that reach its BPB (log-linear interpolation of the LM-only curve in
 log(steps)), divided by s; beyond the LM-only curve's ends it is extrapolated from the nearest two points and flagged.
@@ -57,10 +61,29 @@ class Scenario:
     steps: int
     curve_steps: tuple[int, ...]  # the evaluations the tables show
     data_overrides: tuple[str, ...] = ()
+    title: str = ""  # the plot panel's
+    summary_key: str = ""  # its part of summary.json (empty: the top level)
+
+    @property
+    def reads_teacher_text(self) -> bool:
+        return any(override.startswith("data.teacher_text.dir=") for override in self.data_overrides)
 
 
-STREAM = Scenario("stream", 480, (60, 120, 240, 480))
-DATA_LIMITED = Scenario("data-limited", 240, (60, 120, 180, 240), ("data.max_train_windows=240",))
+STREAM = Scenario("stream", 480, (60, 120, 240, 480), title="no window repeated")
+DATA_LIMITED = Scenario("data-limited", 240, (60, 120, 180, 240), ("data.max_train_windows=240",),
+                        title="4 epochs over the 240 protocol windows", summary_key="data_limited")
+# The data-limited corpus plus the teacher's continuations of it (sequence-level KD, docs/TEACHER_TEXT.md): one
+# sample of up to 192 teacher tokens from the start (32 student tokens) of each of the 240 windows, at temperature 0.7
+# and top_p 0.95 (at temperature 1 the 0.5B instruct teacher drifts from the code into prose in other languages
+# within a few lines, docs/TEACHER_TEXT.md).
+TEACHER_TEXT_DIR = RUN_ROOT / "data-limited-teacher-text" / "teacher-text"
+DATA_LIMITED_TEACHER_TEXT = Scenario(
+    "data-limited-teacher-text", 240, (60, 120, 180, 240),
+    ("data.max_train_windows=240", f"data.teacher_text.dir={TEACHER_TEXT_DIR}",
+     "data.teacher_text.samples_per_window=1", "data.teacher_text.new_tokens=192",
+     "data.teacher_text.temperature=0.7", "data.teacher_text.top_p=0.95", "data.teacher_text.batch_size=80"),
+    title="the 240 windows + the teacher's continuations", summary_key="data_limited_teacher_text")
+SCENARIOS = (STREAM, DATA_LIMITED, DATA_LIMITED_TEACHER_TEXT)
 
 
 def run_dir(method: str, scenario: Scenario) -> Path:
@@ -112,6 +135,8 @@ def run(method: str, scenario: Scenario, teacher_online: bool = False) -> None:
         print(f"{method} ({scenario.name}): finished already")
         return
     method_overrides = overrides(method, scenario, teacher_online)
+    if scenario.reads_teacher_text:  # written once for every method of the scenario; resumes, or finds it finished
+        crosskd(["write-teacher-text", str(BASE_CONFIG), *method_overrides])
     if METHODS[method].cached and not teacher_online:
         crosskd(["cache-teacher", str(BASE_CONFIG), *method_overrides])
     folder = run_dir(method, scenario)
@@ -213,8 +238,9 @@ def summarise() -> dict:
     committed = json.loads(path.read_text()) if path.exists() else {}
     stream = scenario_summary(STREAM, committed)
     summary = {"untouched_bpb": untouched, "teacher_bpb": teacher, **stream,
-               "data_limited": scenario_summary(DATA_LIMITED, committed.get("data_limited", {}),
-                                                fresh_data_lm_only=stream["methods"].get(LM_ONLY)),
+               **{scenario.summary_key: scenario_summary(scenario, committed.get(scenario.summary_key, {}),
+                                                         fresh_data_lm_only=stream["methods"].get(LM_ONLY))
+                  for scenario in SCENARIOS if scenario.summary_key},
                "command": "python bench/budget_curve.py"}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=1) + "\n")
@@ -251,8 +277,9 @@ def plot(summary: dict, path: Path = PLOT_PATH) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scenarios = ((STREAM, summary), (DATA_LIMITED, summary["data_limited"]))
-    figure, panels = plt.subplots(1, 2, figsize=(11, 4.4))
+    scenarios = [(scenario, summary[scenario.summary_key] if scenario.summary_key else summary)
+                 for scenario in SCENARIOS]
+    figure, panels = plt.subplots(1, len(scenarios), figsize=(5.5 * len(scenarios), 4.4))
     for axes, (scenario, data) in zip(panels, scenarios):
         for method, curve_data in data["methods"].items():
             colour = f"C{list(METHODS).index(method) % 10}"  # one colour per method in both panels
@@ -269,8 +296,7 @@ def plot(summary: dict, path: Path = PLOT_PATH) -> None:
         axes.set_ylim(summary["teacher_bpb"] - 0.02, summary["untouched_bpb"] + 0.02)
         axes.set_xlabel("optimizer steps of 4 x 256 tokens")
         axes.set_ylabel("held-out bits per byte (lower is better)")
-        axes.set_title(f"{scenario.name}: " + ("no window repeated" if scenario is STREAM
-                                                 else "4 epochs over the 240 protocol windows"), fontsize=10)
+        axes.set_title(f"{scenario.name}:\n{scenario.title}", fontsize=10)
         axes.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -281,21 +307,26 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"from: {', '.join(METHODS)}")
     parser.add_argument("--data-limited", action="store_true", help="4 epochs over the 240 protocol windows")
+    parser.add_argument("--teacher-text", action="store_true",
+                        help="with --data-limited: the 240 windows plus the teacher's continuations of their starts "
+                             "(crosskd write-teacher-text runs first), 240 steps over both")
     parser.add_argument("--teacher-online", action="store_true",
                         help="run the teacher in the steps instead of from a cache: the same BPB; for one method in "
                              "a sitting, building the cache first costs as much as the teacher's forwards in training")
     parser.add_argument("--summary", action="store_true", help="only rebuild summary.json and the tables")
     args = parser.parse_args()
+    if args.teacher_text and not args.data_limited:
+        parser.error("--teacher-text goes with --data-limited")
     if not args.summary:
-        scenario = DATA_LIMITED if args.data_limited else STREAM
+        scenario = (DATA_LIMITED_TEACHER_TEXT if args.teacher_text else DATA_LIMITED) if args.data_limited else STREAM
         for method in [name.strip() for name in args.methods.split(",") if name.strip()]:
             if method not in METHODS:
                 parser.error(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
             run(method, scenario, args.teacher_online)
     summary = summarise()
     plot(summary)
-    print(table(summary, STREAM))
-    print(table(summary["data_limited"], DATA_LIMITED))
+    for scenario in SCENARIOS:
+        print(table(summary[scenario.summary_key] if scenario.summary_key else summary, scenario))
     return 0
 
 

@@ -53,7 +53,7 @@ def test_the_smoothed_curve_pools_the_evaluations_where_bpb_rose():
     assert not extrapolated and 240 < steps < 480
 
 
-@pytest.mark.parametrize("scenario", [budget_curve.STREAM, budget_curve.DATA_LIMITED])
+@pytest.mark.parametrize("scenario", budget_curve.SCENARIOS)
 def test_every_default_method_forms_a_run_of_the_scenarios_length(scenario, tmp_path):
     for method in budget_curve.DEFAULT_METHODS:
         config = load_config(budget_curve.BASE_CONFIG, budget_curve.overrides(method, scenario))
@@ -63,6 +63,19 @@ def test_every_default_method_forms_a_run_of_the_scenarios_length(scenario, tmp_
         assert config.schedule.kd_warmup_end_progress * scenario.steps == pytest.approx(12)
         if config.teacher.source == "cache":  # the cache of this scenario's windows, not the protocol's
             assert Path(config.teacher.cache_dir).parent == budget_curve.RUN_ROOT / scenario.name
+
+
+def test_the_teacher_text_scenario_writes_the_text_before_the_cache_and_the_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(budget_curve, "RUN_ROOT", tmp_path)
+    commands = []
+    monkeypatch.setattr(budget_curve, "crosskd", lambda arguments: commands.append(arguments[0]))
+    scenario = budget_curve.DATA_LIMITED_TEACHER_TEXT
+    budget_curve.run("first-token-cached", scenario)
+    assert commands == ["write-teacher-text", "cache-teacher", "train"]
+    config = load_config(budget_curve.BASE_CONFIG, budget_curve.overrides("first-token-cached", scenario))
+    assert config.data.teacher_text.dir == str(budget_curve.TEACHER_TEXT_DIR)
+    assert config.data.max_train_windows == 240
+    assert not budget_curve.DATA_LIMITED.reads_teacher_text and scenario.reads_teacher_text
 
 
 def test_a_cached_method_run_online_reads_no_cache_and_keeps_its_other_settings():
