@@ -19,8 +19,8 @@ SECTIONS = (
     (plots.loss_components, "Loss components",
      "The weighted terms stacked; their sum must coincide with the logged total (a gap is a logging bug)."),
     (plots.raw_terms, "Raw terms",
-     "Each term normalised by its positions, before its weight (KD before τ²): an unnormalised or exploding term "
-     "shows here first."),
+     "Each term normalised by its positions, before its weight (KD with its τ² factor): an unnormalised or "
+     "exploding term shows here first."),
     (plots.held_out_bpb, "Held-out bits per byte",
      "The student at each evaluation (step 0: untouched), with the untouched student and the teacher as lines."),
     (plots.retention, "Knowledge retention (held out)",

@@ -40,7 +40,7 @@ from crosskd.vocab.transfer import ParameterGroup, VocabularyTransfer, transfer_
 @dataclass(frozen=True)
 class CombinedLoss:
     """A micro-batch's share of the step loss, with its components: `weighted` (they add up to `total`) and `raw`
-    (each term before its weight: what a head optimises, or KD before τ²); both are this process's shares."""
+    (each term before its weight: what a head optimises; KD with its τ² factor); both are this process's shares."""
 
     total: Tensor
     weighted: dict[str, float]

@@ -475,7 +475,7 @@ def accumulate_gradients(objective: DistillationObjective, student_forward, obje
 
     step_total = torch.zeros((), device=accelerator.device)
     step_components: dict[str, float] = {}
-    step_raw: dict[str, float] = {}  # each term before its weight: what a head optimises, or KD before τ²
+    step_raw: dict[str, float] = {}  # each term before its weight: what a head optimises; KD with its τ² factor
     tokens = 0
     for index, (batch, selection) in enumerate(zip(micro_batches, selections)):
         last = index == len(micro_batches) - 1
