@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from crosskd.config import Config
 from crosskd.data.corpus import TrainingCorpus
 from crosskd.data.teacher_text import FORMAT_VERSION, INDEX_FILE, TeacherTextError, part_name, read_index
-from crosskd.data.windows import window_ids_sha256
+from crosskd.data.windows import DualWindow, window_ids_sha256
 from crosskd.models.fingerprints import tokenizer_hash, weights_hash
 from crosskd.models.loading import load_model, load_tokenizer
 
@@ -63,11 +63,11 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def prompts_of(corpus: TrainingCorpus, student_tokenizer, count: int, prompt_tokens: int) -> list[Prompt]:
-    """The starts of the corpus's first `count` training windows as text. A start that is all separators or
-    whitespace gives no prompt (it is left out with a warning)."""
-    prompts, empty = [], 0
-    for place, window in enumerate(corpus.stream_windows(count)):
+def prompts_of(windows: list[DualWindow], student_tokenizer, prompt_tokens: int) -> list[Prompt]:
+    """The starts of the training `windows` as text. A start that is all separators or whitespace gives no prompt
+    (it is left out with a warning)."""
+    prompts, empty, count = [], 0, len(windows)
+    for place, window in enumerate(windows):
         text = student_tokenizer.decode(list(window.student_ids[:prompt_tokens]), skip_special_tokens=True)
         if text.strip():
             prompts.append(Prompt(place, text))
@@ -108,7 +108,7 @@ def _continue(teacher, prompts: list[str], settings, stop_ids: list[int], seed: 
     return continuations
 
 
-def _planned_index(config: Config, teacher, student_tokenizer, corpus, prompt_windows: int, prompts) -> dict:
+def _planned_index(config: Config, teacher, student_tokenizer, windows: list[DualWindow], prompts) -> dict:
     settings = dataclasses.asdict(config.data.teacher_text)
     del settings["dir"]  # a moved folder is the same teacher text
     return {
@@ -119,7 +119,7 @@ def _planned_index(config: Config, teacher, student_tokenizer, corpus, prompt_wi
             "models.teacher_dtype": config.models.teacher_dtype,
             "teacher_tokenizer": tokenizer_hash(teacher.tokenizer),
             "student_tokenizer": tokenizer_hash(student_tokenizer),
-            "prompt_windows": window_ids_sha256(corpus.stream_windows(prompt_windows)),
+            "prompt_windows": window_ids_sha256(windows),
         },
         "teacher": config.models.teacher,  # informative only
         "prompts": len(prompts),
@@ -151,9 +151,9 @@ def write_teacher_text(config: Config, progress: bool = True) -> WritingSummary:
     # The prompts come from the corpus's own windows: the same data config with no teacher text in it.
     corpus_data = dataclasses.replace(config.data, teacher_text=dataclasses.replace(settings, dir=None))
     corpus = TrainingCorpus(corpus_data, student_tokenizer, teacher.tokenizer, teacher.vocab.pad_id)
-    prompt_windows = settings.prompt_windows or config.data.max_train_windows
-    prompts = prompts_of(corpus, student_tokenizer, prompt_windows, settings.prompt_tokens)
-    index = _planned_index(config, teacher, student_tokenizer, corpus, prompt_windows, prompts)
+    windows = corpus.stream_windows(settings.prompt_windows or config.data.max_train_windows)
+    prompts = prompts_of(windows, student_tokenizer, settings.prompt_tokens)
+    index = _planned_index(config, teacher, student_tokenizer, windows, prompts)
     existing = read_index(folder)
     if existing is not None:
         difference = _difference(existing, index)
