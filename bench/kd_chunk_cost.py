@@ -11,6 +11,7 @@ timed `--repeats` times after one warm-up, the modes interleaved; the median is 
 bench/results/kd_chunk_cost.json, so a before and an after run of the same script sit side by side.
 
     python bench/kd_chunk_cost.py --label after     # ~40 s of one core
+    python bench/kd_chunk_cost.py --label recomputed --kept-logits-mib 0    # every chunk recomputed in the backward
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from crosskd.config import ObjectiveConfig
 from crosskd.losses.divergences import forward_kl
 from crosskd.losses.lm import divergence_kd_loss, fused_chunked_losses
 from crosskd.losses.target import MappedTarget, StudentGroups
@@ -69,19 +71,21 @@ def setup(seed: int = 0) -> dict:
                 groups=groups)
 
 
-def step(data: dict, mode: str) -> tuple[float, float]:
+def step(data: dict, mode: str, kept_logit_bytes: int) -> tuple[float, float]:
     """(wall seconds, this process's CPU seconds) of one forward + backward."""
     hidden = data["hidden"].clone().requires_grad_()
     weight = data["weight"].clone().requires_grad_()
     start, cpu_start = time.perf_counter(), time.process_time()
     if mode == "lm_only":
-        sums = fused_chunked_losses(hidden, weight, data["lm_targets"], data["kd_rows"][:0], None, None, CHUNK)
+        sums = fused_chunked_losses(hidden, weight, data["lm_targets"], data["kd_rows"][:0], None, None, CHUNK,
+                                    kept_logit_bytes=kept_logit_bytes)
         loss = sums.lm_sum
     else:
         groups = data["groups"] if mode == "lm_kd_merge" else None
         target = data["merge"] if groups is not None else data["plain"]
         sums = fused_chunked_losses(hidden, weight, data["lm_targets"], data["kd_rows"], target,
-                                    divergence_kd_loss(forward_kl, 1.0, groups), CHUNK)
+                                    divergence_kd_loss(forward_kl, 1.0, groups), CHUNK,
+                                    kept_logit_bytes=kept_logit_bytes)
         loss = sums.lm_sum + sums.kd_sum
     loss.backward()
     return time.perf_counter() - start, time.process_time() - cpu_start
@@ -93,6 +97,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--note", default="")
+    parser.add_argument("--kept-logits-mib", type=int, default=ObjectiveConfig.kept_logits_mib,
+                        help="objective.kept_logits_mib: chunks kept for the backward (0: all recomputed)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = setup()
@@ -100,14 +106,15 @@ def main() -> None:
     modes = ("lm_only", "lm_kd_plain", "lm_kd_merge")
     wall: dict[str, list[float]] = {mode: [] for mode in modes}
     cpu: dict[str, list[float]] = {mode: [] for mode in modes}
+    kept_logit_bytes = args.kept_logits_mib * 2**20
     for mode in modes:
-        step(data, mode)  # warm-up
+        step(data, mode, kept_logit_bytes)  # warm-up
     for _ in range(args.repeats):  # interleaved, so a change in the machine's load hits every mode alike
         for mode in modes:
-            seconds, cpu_seconds = step(data, mode)
+            seconds, cpu_seconds = step(data, mode, kept_logit_bytes)
             wall[mode].append(seconds)
             cpu[mode].append(cpu_seconds)
-    run = {"threads": torch.get_num_threads()}
+    run = {"threads": torch.get_num_threads(), "kept_logits_mib": args.kept_logits_mib}
     # With one thread the process's CPU time barely depends on what else the machine runs: the trustworthy figure on a
     # shared machine. Wall time is reported beside it.
     for clock, times in (("cpu", cpu), ("wall", wall)):

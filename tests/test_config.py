@@ -73,6 +73,8 @@ def test_numbers_are_read_as_the_declared_type():
         (["router.enabled=true", "router.top_k=5", "router.num_experts=4"], r"router.top_k \(5\)"),
         (["objective.divergence=forward_kld"], "did you mean 'forward_kl'"),
         (["training.mixed_precision=fp8"], "not one of no, fp16, bf16"),
+        (["objective.kept_logits_mib=-1"], r"objective.kept_logits_mib must be 0 \(recompute every chunk"),
+        (["objective.chunk_size=0"], "objective.chunk_size must be at least 1, got 0"),
     ],
 )
 def test_combinations_that_make_no_sense_are_rejected_with_the_reason(overrides, reason):

@@ -10,8 +10,11 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from crosskd.losses.divergences import DIVERGENCES, get_divergence
+from torch.utils.checkpoint import checkpoint
+
+from crosskd.losses import lm
 from crosskd.losses.lm import IGNORE_INDEX, chunked_cross_entropy, chunked_lm_and_kd
-from crosskd.losses.target import MappedTarget, support_atoms, teacher_topk
+from crosskd.losses.target import MappedTarget, StudentGroups, support_atoms, teacher_topk
 
 
 def randn(*shape: int, seed: int, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
@@ -61,8 +64,9 @@ def test_all_masked_batch_gives_zero_without_nan():
     assert hidden.grad is not None and not hidden.grad.any()
 
 
+@pytest.mark.parametrize("kept_logit_bytes", [0, 2**30], ids=["recomputed", "kept"])
 @pytest.mark.parametrize("name", sorted(DIVERGENCES))
-def test_fused_loss_equals_unchunked(name):
+def test_fused_loss_equals_unchunked(name, kept_logit_bytes):
     hidden, head, targets, kd_rows, target = problem(dtype=torch.float64)
     divergence = get_divergence(name)
     temperature = 2.0
@@ -70,13 +74,71 @@ def test_fused_loss_equals_unchunked(name):
     expected_grads = torch.autograd.grad(lm_expected + kd_expected, (hidden, head))
     for chunk_size in (1, 6, 1000):
         sums = chunked_lm_and_kd(hidden, head, targets, kd_rows, target, temperature, divergence,
-                                 chunk_size=chunk_size, scale_by_t2=False)
+                                 chunk_size=chunk_size, scale_by_t2=False, kept_logit_bytes=kept_logit_bytes)
         assert (sums.lm_count, sums.kd_count) == (int((targets != IGNORE_INDEX).sum()), len(kd_rows))
         torch.testing.assert_close(sums.lm_sum, lm_expected)
         torch.testing.assert_close(sums.kd_sum, kd_expected)
         grads = torch.autograd.grad(sums.lm_sum + sums.kd_sum, (hidden, head))
         for grad, expected_grad in zip(grads, expected_grads):
             torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kept_and_recomputed_chunks_give_identical_values_and_gradients(dtype):
+    hidden, head, targets, kd_rows, target = problem(n_rows=60, vocab_size=30, dtype=dtype)
+    # merge's groups: ids 20..23 pool into their roots 3 and 4, and leave the support.
+    root_table = torch.arange(30)
+    root_table[20:22], root_table[22:24] = 3, 4
+    groups = StudentGroups.from_root_table(root_table)
+    is_member = (target.ids >= 20) & (target.ids < 24)  # members are never on a support: their slots are masked
+    target = MappedTarget(target.ids, target.logp, target.mask & ~is_member, target.tail_logmass)
+    results = []
+    for kept_logit_bytes in (0, 2**30):
+        sums = chunked_lm_and_kd(hidden, head, targets, kd_rows, target, 2.0, "forward_kl", chunk_size=16,
+                                 student_groups=groups, kept_logit_bytes=kept_logit_bytes)
+        grads = torch.autograd.grad(sums.lm_sum + sums.kd_sum, (hidden, head))
+        results.append((sums.lm_sum, sums.kd_sum, *grads))
+    (lm_recomputed, kd_recomputed, hidden_grad_recomputed, head_grad_recomputed), kept = results
+    assert torch.equal(lm_recomputed, kept[0]) and torch.equal(kd_recomputed, kept[1])
+    assert torch.equal(hidden_grad_recomputed, kept[2])
+    if dtype == torch.float32:
+        assert torch.equal(head_grad_recomputed, kept[3])
+    else:
+        # A recomputed chunk rounds its head gradient to bf16 before the chunks' contributions are summed; the kept
+        # chunks share one float32 head copy, so theirs is summed in float32 and rounded once: no further from exact.
+        hidden64, head64 = (x.detach().double().requires_grad_() for x in (hidden, head))
+        sums = chunked_lm_and_kd(hidden64, head64, targets, kd_rows, target, 2.0, "forward_kl", chunk_size=16,
+                                 student_groups=groups)
+        exact = torch.autograd.grad(sums.lm_sum + sums.kd_sum, head64)[0]
+        error = {name: (grad.double() - exact).abs().max() for name, grad in
+                 (("recomputed", head_grad_recomputed), ("kept", kept[3]))}
+        assert error["kept"] <= error["recomputed"]
+
+
+def test_the_byte_budget_decides_which_chunks_are_recomputed(monkeypatch):
+    recomputed = []
+
+    def counting_checkpoint(function, *arguments, **kwargs):
+        recomputed.append(len(arguments[0]))  # the chunk's hidden rows
+        return checkpoint(function, *arguments, **kwargs)
+
+    monkeypatch.setattr(lm, "checkpoint", counting_checkpoint)
+    hidden, head, targets, kd_rows, target = problem(n_rows=40, vocab_size=30)
+    targets = torch.zeros_like(targets)  # every row is an LM row: chunks of 16, 16 and 8 rows
+    chunk_bytes = 16 * 30 * 4
+    for budget, expected in ((0, [16, 16, 8]), (chunk_bytes, [16, 8]), (2 * chunk_bytes + 8 * 30 * 4 - 1, [8]),
+                             (2 * chunk_bytes + 8 * 30 * 4, [])):
+        recomputed.clear()
+        chunked_lm_and_kd(hidden, head, targets, kd_rows, target, 1.0, "forward_kl", chunk_size=16,
+                          kept_logit_bytes=budget)
+        assert recomputed == expected, budget
+    # A 16-bit head's float32 copy, shared by the kept chunks, is paid from the budget first.
+    head_copy_bytes = head.numel() * 4
+    assert lm.kept_chunks([16, 16, 8], 30, head_copy_bytes + chunk_bytes, head_copy_bytes) == 1
+    recomputed.clear()
+    chunked_lm_and_kd(hidden, head.detach().bfloat16().requires_grad_(), targets, kd_rows, target, 1.0, "forward_kl",
+                      chunk_size=16, kept_logit_bytes=chunk_bytes)
+    assert recomputed == [16, 16, 8]
 
 
 def test_temperature_squared_factor_is_optional():
@@ -154,7 +216,7 @@ class PeakLiveBytes(TorchDispatchMode):
         return out
 
 
-def peak_bytes_of_loss_and_backward(chunk_size: int) -> int:
+def peak_bytes_of_loss_and_backward(chunk_size: int, kept_logit_bytes: int = 0) -> int:
     n_rows, hidden_size, vocab_size = 1024, 16, 2048
     hidden = randn(n_rows, hidden_size, seed=20).requires_grad_()
     head = randn(vocab_size, hidden_size, seed=21).requires_grad_()
@@ -163,7 +225,7 @@ def peak_bytes_of_loss_and_backward(chunk_size: int) -> int:
     topk = teacher_topk(randn(len(kd_rows), vocab_size, seed=23), 16, torch.ones(vocab_size, dtype=torch.bool))
     with PeakLiveBytes() as probe:
         sums = chunked_lm_and_kd(hidden, head, targets, kd_rows, topk.as_support(), 2.0, "forward_kl",
-                                 chunk_size=chunk_size)
+                                 chunk_size=chunk_size, kept_logit_bytes=kept_logit_bytes)
         (sums.lm_sum + sums.kd_sum).backward()
     return probe.peak
 
@@ -177,3 +239,6 @@ def test_peak_memory_is_bounded_by_the_chunk_not_the_batch():
     # their gradients) plus the small hidden/head gradients are alive at once, in forward and in backward: measured
     # ~6.3 (the KD rows come first, so a chunk is all KD rows), against 16 for the whole batch.
     assert peak_bytes_of_loss_and_backward(chunk_size=64) < 8 * chunk_logits_bytes
+    # Chunks kept for the backward add their own buffer each, and no more.
+    kept_peak = peak_bytes_of_loss_and_backward(chunk_size=64, kept_logit_bytes=4 * chunk_logits_bytes)
+    assert 3.5 * chunk_logits_bytes < kept_peak - peak_bytes_of_loss_and_backward(chunk_size=64) < 5 * chunk_logits_bytes

@@ -154,6 +154,10 @@ class ObjectiveConfig:
     chunk_likelihood_temperature: float = 100.0
     chunk_likelihood_weight: float = 1.0
     chunk_size: int = 256  # positions per float32 logit chunk
+    # MiB of a micro-batch's float32 log-probability chunks the fused LM + KD loss keeps from the forward for the
+    # backward; the chunks past it are freed and recomputed in the backward (one more head matmul and log-softmax
+    # each). 0 recomputes every chunk: the least memory. docs/OBJECTIVE.md §7.
+    kept_logits_mib: int = 512
     projector_prefit_steps: int = 200
     # The projector adds a teacher-driven correction to the student's own (detached) final state, starting at zero,
     # instead of rebuilding the student's prediction from the teacher's state alone (docs/VOCAB.md).
@@ -419,6 +423,11 @@ def validate(config: Config) -> None:
     _check_teacher_text(config.data)
     if objective.kd_top_k < 1:
         raise ConfigError("objective.kd_top_k must be at least 1")
+    if objective.chunk_size < 1:
+        raise ConfigError(f"objective.chunk_size must be at least 1, got {objective.chunk_size}")
+    if objective.kept_logits_mib < 0:
+        raise ConfigError(f"objective.kept_logits_mib must be 0 (recompute every chunk in the backward) or more, got "
+                          f"{objective.kept_logits_mib}")
     if config.data.window_tokens < 2:
         raise ConfigError("data.window_tokens must be at least 2: a window predicts its next tokens")
     if not 0.0 <= config.data.eval_fraction < 1.0:

@@ -37,6 +37,7 @@ from accelerate import init_empty_weights
 
 from crosskd.config import Config, ConfigError, load_config, require_cacheable_terms, validate
 from crosskd.losses.heads import build_feature_heads
+from crosskd.losses.lm import kept_chunks
 from crosskd.models.loading import ModelNotFoundError
 from crosskd.models.memory import DTYPE_BYTES, FLOAT32_BYTES, ArchitectureError, ArchitectureFacts, architecture_facts
 from crosskd.schedules import schedule_settings
@@ -252,10 +253,14 @@ def estimate_components(config: Config, teacher: ArchitectureFacts, student: Arc
     loss_rows = min(tokens, chunk)
     vocab = student.logit_size
     # Backward of one chunk: logits, log-probabilities, their gradient and the logits' gradient, plus the forward's
-    # two; each chunk's checkpoint keeps its gathered hidden rows.
-    loss = 6 * loss_rows * vocab * FLOAT32_BYTES + tokens * student.hidden_size * activation
+    # two; each chunk's checkpoint keeps its gathered hidden rows, and the first chunks keep their log-probabilities
+    # within objective.kept_logits_mib (the float32 master head needs no copy).
+    kept_rows = loss_rows * kept_chunks([loss_rows] * -(-tokens // loss_rows), vocab,
+                                        objective.kept_logits_mib * 2**20)
+    loss = (6 * loss_rows + kept_rows) * vocab * FLOAT32_BYTES + tokens * student.hidden_size * activation
     components.append(Component("LM/KD loss chunks", loss, STUDENT_STEP,
-                                f"6 x [{loss_rows}, {vocab:,}] float32 + the gathered rows of every chunk"))
+                                f"6 x [{loss_rows}, {vocab:,}] float32 + [{kept_rows}, {vocab:,}] float32 kept "
+                                "log-probabilities + the gathered rows of every chunk"))
     head = student.output_embedding_parameters * FLOAT32_BYTES
     components.append(Component("output embedding gradient", 2 * head, STUDENT_STEP,
                                 f"[{vocab:,}, {student.hidden_size}] float32: the gradient and one chunk's "

@@ -17,6 +17,10 @@ from crosskd.config import ObjectiveConfig
 #: vocabulary-wide float32 buffer.
 DEFAULT_CHUNK_ROWS = ObjectiveConfig.chunk_size
 
+#: Bytes of float32 log-probability chunks the fused LM + KD loss keeps for the backward by default
+#: (`objective.kept_logits_mib`).
+DEFAULT_KEPT_LOGIT_BYTES = ObjectiveConfig.kept_logits_mib * 2**20
+
 
 def chunk_slices(n_rows: int, chunk_size: int) -> Iterator[slice]:
     """Consecutive slices of at most ``chunk_size`` rows covering ``range(n_rows)``."""

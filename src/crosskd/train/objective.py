@@ -87,6 +87,7 @@ class DistillationObjective(nn.Module):
         self.lm_alpha = objective.lm_alpha
         self.kd_balance = objective.kd_balance
         self.chunk_size = objective.chunk_size
+        self.kept_logit_bytes = objective.kept_logits_mib * 2**20
         self._student = [student.model]  # a list hides it from nn.Module registration
         transfer_type = transfer_class(objective)
         needs = transfer_type.teacher_needs(objective)
@@ -231,7 +232,8 @@ class DistillationObjective(nn.Module):
         hidden = student_hidden_states[-1]
         flat_hidden = hidden.reshape(-1, hidden.shape[-1])
         if self.lm_only:
-            lm_sum, _ = chunked_cross_entropy(flat_hidden, head_weight, selection.lm_targets, self.chunk_size)
+            lm_sum, _ = chunked_cross_entropy(flat_hidden, head_weight, selection.lm_targets, self.chunk_size,
+                                              self.kept_logit_bytes)
             return {"lm": Term(lm_sum, PER_TOKEN, count_key="lm", scale=self.lm_alpha)}
         transfer = self.transfer
         with record_function("crosskd.kd_target"):
@@ -241,7 +243,8 @@ class DistillationObjective(nn.Module):
         with record_function("crosskd.lm_kd_chunks"):
             sums = fused_chunked_losses(flat_hidden, head_weight, selection.lm_targets, selection.kd_rows, target,
                                         transfer.kd_loss_sum(temperature, flat_hidden.device), self.chunk_size,
-                                        keep_token_logp=transfer.reads_likelihood_chunks)
+                                        keep_token_logp=transfer.reads_likelihood_chunks,
+                                        kept_logit_bytes=self.kept_logit_bytes)
         kd_sum = transfer.scaled_kd_sum(sums.kd_sum, temperature)
         terms = {
             "lm": Term(sums.lm_sum, PER_TOKEN, count_key="lm", scale=self.lm_alpha),
