@@ -205,6 +205,45 @@ MULTIPLIERS = (("multiplier", "extrapolated", lm_only_steps_for),
                ("multiplier_smoothed", "extrapolated_smoothed", lm_only_steps_smoothed))
 
 
+# The issue's two targets for the best setting: a token multiplier of TARGET_MULTIPLIER from 120 steps on, and a
+# third of the LM-only -> teacher gap at the last step. LM-only's trend past its first steps (where it adapts to the
+# corpus's format) is fitted from TREND_FROM_STEP on.
+TARGET_MULTIPLIER = 3
+TARGET_GAP_SHARE = 1 / 3
+TREND_FROM_STEP = 120
+
+
+def log_linear_trend(steps: list[int], bpb: list[float], from_step: int = TREND_FROM_STEP) -> tuple[float, float]:
+    """Least-squares line bpb = intercept + slope * log2(steps) through the points from `from_step` on; (intercept,
+    slope: BPB per doubling of the steps)."""
+    points = [(math.log2(s), b) for s, b in zip(steps, bpb) if s >= from_step]
+    if len(points) < 2:
+        raise ValueError(f"the trend needs two or more LM-only points from step {from_step} on, got {len(points)}")
+    mean_x = statistics.fmean(x for x, _ in points)
+    mean_y = statistics.fmean(y for _, y in points)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points)
+    return mean_y - slope * mean_x, slope
+
+
+def issue_targets(lm: dict, teacher_bpb: float, curve_steps: tuple[int, ...]) -> dict:
+    """What the two targets ask in each other's terms, on LM-only's log-linear trend: the BPB a TARGET_MULTIPLIER x
+    multiplier means at each curve point from TREND_FROM_STEP on (LM-only's trend at that many times the steps), and
+    the multiplier the gap target means at the last point (the steps at which the trend reaches it)."""
+    intercept, slope = log_linear_trend(lm["steps"], lm["bpb"])
+    trend = dict(zip(lm["steps"], lm["bpb"]))
+    last = curve_steps[-1]
+    gap_bpb = trend[last] - TARGET_GAP_SHARE * (trend[last] - teacher_bpb)
+    steps_for_gap = 2 ** ((gap_bpb - intercept) / slope) if slope < 0 else math.inf
+    return {
+        "trend": {"from_step": TREND_FROM_STEP, "bpb_per_doubling": slope, "intercept_at_1_step": intercept},
+        f"bpb_at_{TARGET_MULTIPLIER}x": {str(s): intercept + slope * math.log2(TARGET_MULTIPLIER * s)
+                                         for s in curve_steps if s >= TREND_FROM_STEP},
+        f"gap_closed_by_{TARGET_MULTIPLIER}x_at_{last}": (trend[last] - (intercept + slope * math.log2(
+            TARGET_MULTIPLIER * last))) / (trend[last] - teacher_bpb),
+        f"third_of_gap_at_{last}": {"bpb": gap_bpb, "multiplier_it_means": steps_for_gap / last},
+    }
+
+
 def scenario_summary(scenario: Scenario, committed: dict, fresh_data_lm_only: dict | None = None) -> dict:
     """The scenario's curves: from the runs on this machine, and for a method with no run here, the curve of the
     committed summary (`committed`, this scenario's part of it: runs/ is not kept between machines). Multipliers are
@@ -242,6 +281,8 @@ def summarise() -> dict:
                                                          fresh_data_lm_only=stream["methods"].get(LM_ONLY))
                   for scenario in SCENARIOS if scenario.summary_key},
                "command": "python bench/budget_curve.py"}
+    if LM_ONLY in stream["methods"]:
+        summary["issue_targets"] = issue_targets(stream["methods"][LM_ONLY], teacher, STREAM.curve_steps)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=1) + "\n")
     return summary

@@ -53,6 +53,25 @@ def test_the_smoothed_curve_pools_the_evaluations_where_bpb_rose():
     assert not extrapolated and 240 < steps < 480
 
 
+def test_the_trend_is_fitted_in_doublings_from_its_first_step():
+    intercept, slope = budget_curve.log_linear_trend([60, *LM_STEPS[1:]], [0.80, *LM_BPB[1:]], from_step=120)
+    assert slope == pytest.approx(-0.01) and intercept + slope * math.log2(120) == pytest.approx(0.71)
+    with pytest.raises(ValueError, match="two or more"):
+        budget_curve.log_linear_trend([60, 480], [0.73, 0.69], from_step=120)
+
+
+def test_the_targets_are_read_on_the_trend_in_each_others_terms():
+    # LM-only drops 0.01 per doubling and the teacher sits 0.09 below its last point: a third of the gap is 0.03,
+    # three doublings, a multiplier of 8; a 3x multiplier is log2(3) * 0.01 below each point.
+    lm = {"steps": LM_STEPS, "bpb": LM_BPB}
+    targets = budget_curve.issue_targets(lm, teacher_bpb=0.60, curve_steps=(60, 120, 240, 480))
+    assert targets["third_of_gap_at_480"] == {"bpb": pytest.approx(0.66), "multiplier_it_means": pytest.approx(8)}
+    assert targets["bpb_at_3x"] == {"120": pytest.approx(0.71 - 0.01 * math.log2(3)),
+                                    "240": pytest.approx(0.70 - 0.01 * math.log2(3)),
+                                    "480": pytest.approx(0.69 - 0.01 * math.log2(3))}
+    assert targets["gap_closed_by_3x_at_480"] == pytest.approx(0.01 * math.log2(3) / 0.09)
+
+
 @pytest.mark.parametrize("scenario", budget_curve.SCENARIOS)
 def test_every_default_method_forms_a_run_of_the_scenarios_length(scenario, tmp_path):
     for method in budget_curve.DEFAULT_METHODS:
