@@ -230,16 +230,17 @@ def issue_targets(lm: dict, teacher_bpb: float, curve_steps: tuple[int, ...]) ->
     multiplier means at each curve point from TREND_FROM_STEP on (LM-only's trend at that many times the steps), and
     the multiplier the gap target means at the last point (the steps at which the trend reaches it)."""
     intercept, slope = log_linear_trend(lm["steps"], lm["bpb"])
-    trend = dict(zip(lm["steps"], lm["bpb"]))
+    at_multiplier = {s: intercept + slope * math.log2(TARGET_MULTIPLIER * s)
+                     for s in curve_steps if s >= TREND_FROM_STEP}
     last = curve_steps[-1]
-    gap_bpb = trend[last] - TARGET_GAP_SHARE * (trend[last] - teacher_bpb)
+    measured_last = dict(zip(lm["steps"], lm["bpb"]))[last]
+    gap = measured_last - teacher_bpb
+    gap_bpb = measured_last - TARGET_GAP_SHARE * gap
     steps_for_gap = 2 ** ((gap_bpb - intercept) / slope) if slope < 0 else math.inf
     return {
         "trend": {"from_step": TREND_FROM_STEP, "bpb_per_doubling": slope, "intercept_at_1_step": intercept},
-        f"bpb_at_{TARGET_MULTIPLIER}x": {str(s): intercept + slope * math.log2(TARGET_MULTIPLIER * s)
-                                         for s in curve_steps if s >= TREND_FROM_STEP},
-        f"gap_closed_by_{TARGET_MULTIPLIER}x_at_{last}": (trend[last] - (intercept + slope * math.log2(
-            TARGET_MULTIPLIER * last))) / (trend[last] - teacher_bpb),
+        f"bpb_at_{TARGET_MULTIPLIER}x": {str(s): bpb for s, bpb in at_multiplier.items()},
+        f"gap_closed_by_{TARGET_MULTIPLIER}x_at_{last}": (measured_last - at_multiplier[last]) / gap,
         f"third_of_gap_at_{last}": {"bpb": gap_bpb, "multiplier_it_means": steps_for_gap / last},
     }
 

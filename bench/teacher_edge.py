@@ -33,17 +33,17 @@ from pathlib import Path
 
 import torch
 
+from crosskd.config import HELDOUT_CHARS
 from crosskd.data.encoding import encode_with_byte_spans
 from crosskd.data.stdlib import heldout_text, stdlib_root
 from crosskd.evaluate import BPB_WINDOW_TOKENS, bits_per_byte
 from crosskd.models.loading import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import RUNS_DIR  # noqa: E402  (a sibling script)
+from quality import REPO, RUNS_DIR  # noqa: E402  (a sibling script)
 
-REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "teacher_edge.json"
-TEXT_CHARS = 24_000  # the protocol's held-out size (config.HELDOUT_CHARS)
+TEXT_CHARS = HELDOUT_CHARS  # every text the size of the protocol's held-out text
 TRAIN_FILE = "argparse.py"
 UNSEEN_COMMIT = "a241bfa60597afc2618e2b95514e855295d0d433"
 UNSEEN_FOLDER = "src/crosskd/losses"
