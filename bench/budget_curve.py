@@ -16,6 +16,11 @@ resumes where it stopped, so the benchmark can span sessions.
     python bench/budget_curve.py --data-limited                   # 4 epochs over the 240 protocol windows
     python bench/budget_curve.py --data-limited --teacher-text    # ... plus the teacher's continuations of them
     python bench/budget_curve.py --summary                        # summary.json, the tables and docs/budget.png
+    python bench/budget_curve.py --methods first-token-chain-rule --steps 240   # the stream's first 240 steps only
+
+A stream run shortened with `--steps` is the first part of the full run, step for step: the same windows in the same
+order, the same warm-ups in steps and the same constant rate, and a cache of only the windows it reads. It cannot be
+lengthened later (its checkpoints resume to its own last step); remove its folder to run the whole stream.
 
 Methods are named as in bench/quality.py and take its overrides (their teacher cache moved to this run length's).
 Writes bench/results/budget/summary.json:
@@ -25,6 +30,8 @@ Writes bench/results/budget/summary.json:
 the token multiplier of a method
 at s steps is the number of LM-only steps that reach its BPB (log-linear interpolation of the LM-only curve in
 log(steps)), divided by s; beyond the LM-only curve's ends it is extrapolated from the nearest two points and flagged.
+The data-limited parts add "corpus_multiplier": {name: {"best_bpb", "at_step", "fresh_steps", "multiplier",
+"extrapolated"}}, what the 240-window corpus is worth with each method, in epochs of fresh text.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ import math
 import statistics
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -130,10 +137,32 @@ def crosskd(arguments: list[str]) -> None:
     subprocess.run(command, check=True, cwd=REPO)
 
 
+def shortened(scenario: Scenario, steps: int) -> Scenario:
+    """The first `steps` of `scenario`: its evaluations up to there, in the same run folder (so its summary and
+    tables show it) with a run length of `steps`, which is what the overrides, the cache and the resumes follow."""
+    if steps > scenario.steps or steps % EVAL_EVERY:
+        raise ValueError(f"--steps must be a multiple of {EVAL_EVERY} up to {scenario.steps}, got {steps}")
+    return replace(scenario, steps=steps, curve_steps=tuple(s for s in scenario.curve_steps if s <= steps))
+
+
+def started_steps(method: str, scenario: Scenario) -> int | None:
+    """The run length the run of `method` in `scenario` was started with, or None when it was not started."""
+    path = run_dir(method, scenario) / OVERRIDES_FILE
+    if not path.exists():
+        return None
+    lengths = [int(o.partition("=")[2]) for o in json.loads(path.read_text()) if o.startswith("training.max_steps=")]
+    return lengths[-1]  # the last of a key's overrides is the one the config takes
+
+
 def run(method: str, scenario: Scenario, teacher_online: bool = False) -> None:
     if finished(method, scenario):
         print(f"{method} ({scenario.name}): finished already")
         return
+    length = started_steps(method, scenario)
+    if length is not None and length != scenario.steps:
+        raise SystemExit(f"{run_dir(method, scenario)} was started as a {length}-step run and resumes only to its "
+                         f"own last step, not to {scenario.steps}: run it with --steps {length}, or remove the folder "
+                         f"to start the {scenario.steps}-step run afresh")
     method_overrides = overrides(method, scenario, teacher_online)
     if scenario.reads_teacher_text:  # written once for every method of the scenario; resumes, or finds it finished
         crosskd(["write-teacher-text", str(BASE_CONFIG), *method_overrides])
@@ -267,7 +296,24 @@ def scenario_summary(scenario: Scenario, committed: dict, fresh_data_lm_only: di
                     reached, extrapolated = reach(bpb, lm["steps"], lm["bpb"])
                     summary[multiplier][method][str(step)] = reached / step
                     summary[flags][method][str(step)] = extrapolated
+        if fresh_data_lm_only is not None:
+            summary["corpus_multiplier"] = {method: corpus_multiplier(data, lm) for method, data in methods.items()}
     return summary
+
+
+# The data-limited scenarios' corpus: the 240 protocol windows, one epoch of 4-window steps.
+CORPUS_STEPS = 240 // 4
+
+
+def corpus_multiplier(data: dict, fresh_lm_only: dict) -> dict:
+    """What a small corpus is worth with a method, the figure a user with one reads: the best BPB its run reached over
+    the epochs, and the steps of fresh text LM-only needs for it, as a multiple of one epoch of the corpus (1 = the
+    corpus is worth itself; LM-only over repeated text cannot exceed it by much)."""
+    best = min(range(len(data["bpb"])), key=lambda index: data["bpb"][index])
+    fresh_steps, extrapolated = lm_only_steps_smoothed(data["bpb"][best], fresh_lm_only["steps"],
+                                                       fresh_lm_only["bpb"])
+    return {"best_bpb": data["bpb"][best], "at_step": data["steps"][best], "fresh_steps": fresh_steps,
+            "multiplier": fresh_steps / CORPUS_STEPS, "extrapolated": extrapolated}
 
 
 def summarise() -> dict:
@@ -355,12 +401,22 @@ def main() -> int:
     parser.add_argument("--teacher-online", action="store_true",
                         help="run the teacher in the steps instead of from a cache: the same BPB; for one method in "
                              "a sitting, building the cache first costs as much as the teacher's forwards in training")
+    parser.add_argument("--steps", type=int,
+                        help=f"run the stream's first STEPS steps only (a multiple of {EVAL_EVERY} up to "
+                             f"{STREAM.steps}): the same run, stopped there")
     parser.add_argument("--summary", action="store_true", help="only rebuild summary.json and the tables")
     args = parser.parse_args()
     if args.teacher_text and not args.data_limited:
         parser.error("--teacher-text goes with --data-limited")
+    if args.steps is not None and args.data_limited:
+        parser.error("--steps shortens the stream; the data-limited runs are 4 epochs")
     if not args.summary:
         scenario = (DATA_LIMITED_TEACHER_TEXT if args.teacher_text else DATA_LIMITED) if args.data_limited else STREAM
+        if args.steps is not None:
+            try:
+                scenario = shortened(scenario, args.steps)
+            except ValueError as error:
+                parser.error(str(error))
         for method in [name.strip() for name in args.methods.split(",") if name.strip()]:
             if method not in METHODS:
                 parser.error(f"unknown method {method!r}; choose from {', '.join(METHODS)}")

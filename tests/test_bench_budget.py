@@ -121,3 +121,47 @@ def test_the_data_limited_multipliers_count_steps_of_fresh_text(tmp_path, monkey
     summary = budget_curve.scenario_summary(budget_curve.DATA_LIMITED, repeated, fresh_data_lm_only=fresh)
     assert summary["multiplier"]["lm-only"]["60"] == pytest.approx(1.0)  # its first epoch is fresh text
     assert summary["multiplier"]["lm-only"]["120"] < 0.5 and summary["extrapolated"]["lm-only"]["120"]
+
+
+def test_a_shortened_stream_is_the_full_runs_first_steps(tmp_path, monkeypatch):
+    monkeypatch.setattr(budget_curve, "RUN_ROOT", tmp_path)
+    short = budget_curve.shortened(budget_curve.STREAM, 240)
+    assert (short.name, short.steps, short.curve_steps) == ("stream", 240, (60, 120, 240))
+    assert budget_curve.run_dir("lm-only", short) == budget_curve.run_dir("lm-only", budget_curve.STREAM)
+    full = load_config(budget_curve.BASE_CONFIG, budget_curve.overrides("first-token-cached", budget_curve.STREAM))
+    first = load_config(budget_curve.BASE_CONFIG, budget_curve.overrides("first-token-cached", short))
+    assert first.training.max_steps == 240
+    # The same KD warm-up in steps, the same constant rate and windows: only the run's length differs.
+    assert first.schedule.kd_warmup_end_progress * 240 == pytest.approx(full.schedule.kd_warmup_end_progress * 480)
+    assert first.optimizer == full.optimizer and first.data == full.data
+    for steps in (250, 540):
+        with pytest.raises(ValueError, match="multiple of 60 up to 480"):
+            budget_curve.shortened(budget_curve.STREAM, steps)
+
+
+def test_a_run_started_at_another_length_is_refused_with_the_way_out(tmp_path, monkeypatch):
+    monkeypatch.setattr(budget_curve, "RUN_ROOT", tmp_path)
+    commands = []
+    monkeypatch.setattr(budget_curve, "crosskd", lambda arguments: commands.append(arguments[0]))
+    short = budget_curve.shortened(budget_curve.STREAM, 240)
+    budget_curve.run("lm-only", short)  # starts it: writes how it was started, then trains
+    assert commands == ["train"] and budget_curve.started_steps("lm-only", short) == 240
+    with pytest.raises(SystemExit, match="started as a 240-step run.*--steps 240, or remove the folder"):
+        budget_curve.run("lm-only", budget_curve.STREAM)
+    assert commands == ["train"]
+
+
+def test_a_small_corpus_is_worth_the_fresh_text_its_best_epoch_matches(tmp_path, monkeypatch):
+    monkeypatch.setattr(budget_curve, "RUN_ROOT", tmp_path)
+    repeated = {"methods": {"lm-only": {"steps": [60, 120], "bpb": [0.73, 0.74]},
+                            "first-token-cached": {"steps": [60, 120, 180], "bpb": [0.725, 0.705, 0.72]}}}
+    fresh = {"steps": LM_STEPS, "bpb": LM_BPB}
+    worth = budget_curve.scenario_summary(budget_curve.DATA_LIMITED, repeated, fresh_data_lm_only=fresh)[
+        "corpus_multiplier"]
+    assert worth["lm-only"] == {"best_bpb": 0.73, "at_step": 60, "fresh_steps": pytest.approx(60),
+                                "multiplier": pytest.approx(1.0), "extrapolated": False}
+    # Its best epoch (0.705 at 120 steps) is what LM-only reaches halfway between 120 and 240 fresh steps, in log steps.
+    assert worth["first-token-cached"]["at_step"] == 120
+    assert worth["first-token-cached"]["multiplier"] == pytest.approx(math.sqrt(120 * 240) / 60)
+    # The stream's LM-only is fresh text itself: no corpus to be worth.
+    assert "corpus_multiplier" not in budget_curve.scenario_summary(budget_curve.STREAM, repeated)
