@@ -20,8 +20,14 @@ A k=64 cache of the same run is written too, for its size. The held-out BPB cost
 is left to the quality benchmark (bench/quality.py). The machine is shared: load averages are recorded around every
 run, and the figures are contended when they exceed the core count by more than `CONTENTION_MARGIN`.
 
+The targets of issue 16 are held to the same bound: `--transfers` names cached methods of bench/quality.py
+(`first-token-chain-rule`, `chunk-likelihood`, ...) that join every round after `cache`, each with its own cache of
+the same run (the parts of the teacher signal it reads), and each round gives `<method>_over_lm_only` too.
+
     python bench/cache_speed.py                # ~30-40 minutes on 2 cores; writes bench/results/cache_speed.json
     python bench/cache_speed.py --rounds 2     # shorter
+    python bench/cache_speed.py --transfers first-token-chain-rule,chunk-likelihood --no-online \
+        --output bench/results/cache_speed_transfers.json
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from crosskd.data.collate import collate_windows
 from crosskd.models.loading import load_model, load_tokenizer
 from crosskd.train import recipe
 from crosskd.train.logbook import Logbook
-from quality import first_trainer_windows, teacher_forward_seconds  # bench/, the directory of this script
+from quality import METHODS, first_trainer_windows, teacher_forward_seconds  # bench/, the directory of this script
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "cache_speed.json"
@@ -68,12 +74,16 @@ def is_contended(measured: dict, cpus: int) -> bool:
 
 
 def round_ratios(lm_only: dict, cache: dict, online: dict | None, teacher_forward_seconds: float | None,
-                 cpus: int) -> dict:
-    """One round's ratios from its runs (each `timed_run`'s record): cache / lm_only, and where the round ran online,
-    online / (teacher forward + lm_only step), the cost of online KD over the least any online step can cost."""
+                 cpus: int, transfers: dict[str, dict] | None = None) -> dict:
+    """One round's ratios from its runs (each `timed_run`'s record): cache / lm_only, each of `transfers` (cached
+    runs by method name) / lm_only, and where the round ran online, online / (teacher forward + lm_only step), the
+    cost of online KD over the least any online step can cost."""
     lm_step = lm_only["median_step_seconds"]
     ratios = {"cache_over_lm_only": round(cache["median_step_seconds"] / lm_step, 4)}
     measured = [lm_only, cache]
+    for method, transfer in (transfers or {}).items():
+        ratios[f"{method}_over_lm_only"] = round(transfer["median_step_seconds"] / lm_step, 4)
+        measured.append(transfer)
     if online is not None:
         ratios["online_over_teacher_plus_lm_only"] = round(
             online["median_step_seconds"] / (teacher_forward_seconds + lm_step), 4)
@@ -83,13 +93,12 @@ def round_ratios(lm_only: dict, cache: dict, online: dict | None, teacher_forwar
     return ratios
 
 
-RATIO_NAMES = ("cache_over_lm_only", "online_over_teacher_plus_lm_only")
-
-
 def median_and_spread(rounds: list[dict]) -> tuple[dict, dict]:
-    """({ratio: median over the rounds that have it}, {ratio: {"min", "max"}}) of each of RATIO_NAMES."""
+    """({ratio: median over the rounds that have it}, {ratio: {"min", "max", "rounds"}}) of each ratio the rounds
+    hold (the `*_over_*` keys of `round_ratios`)."""
     median, spread = {}, {}
-    for name in RATIO_NAMES:
+    names = dict.fromkeys(name for ratios in rounds for name in ratios if "_over_" in name)  # first-seen order
+    for name in names:
         values = [ratios[name] for ratios in rounds if name in ratios]
         if values:
             median[name] = round(statistics.median(values), 4)
@@ -150,9 +159,18 @@ def cache_figures(config) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4, help="rounds of lm_only, cache (online every other round)")
+    parser.add_argument("--transfers", default="",
+                        help="cached methods of bench/quality.py timed after `cache` in every round, comma-separated")
+    parser.add_argument("--no-online", action="store_true", help="leave out the online runs (cached ratios only)")
+    parser.add_argument("--output", type=Path, default=RESULTS, help=f"result file (default {RESULTS})")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    transfers = [name.strip() for name in args.transfers.split(",") if name.strip()]
+    for name in transfers:
+        if name not in METHODS or not METHODS[name].cached:
+            parser.error(f"--transfers: {name!r} is not a cached method of bench/quality.py; choose from "
+                         f"{', '.join(m for m, method in METHODS.items() if method.cached)}")
     cpus = os.cpu_count() or 1
     base = REPO / "configs" / "reference.yaml"
     with tempfile.TemporaryDirectory(prefix="crosskd-cache-bench-") as scratch:
@@ -163,6 +181,9 @@ def main() -> None:
         caches = {f"k{k}": cache_figures(config(f"k{k}", f"objective.kd_top_k={k}")) for k in (64, 256)}
         modes = {"online": ("online",), "cache": ("k256", "teacher.source=cache"),
                  "lm_only": ("lm_only", "objective.kd_alpha=0")}
+        for name in transfers:  # the method's own settings, its cache in the scratch folder under its own name
+            modes[name] = (name, *(o for o in METHODS[name].overrides if not o.startswith("teacher.cache_dir=")))
+            caches[name] = cache_figures(config(*modes[name]))
         rounds: dict[str, list[dict]] = {name: [] for name in modes}
         ratio_rounds = []
 
@@ -173,19 +194,23 @@ def main() -> None:
 
         for index in range(args.rounds):
             lm_only, cache = timed("lm_only"), timed("cache")
+            transfer_runs = {name: timed(name) for name in transfers}
             online = teacher_seconds = None
-            if index % 2 == 0:
+            if index % 2 == 0 and not args.no_online:
                 teacher_seconds = first_batch_teacher_seconds(config(*modes["online"]))
                 online = timed("online")
-            ratio_rounds.append({"round": index, **round_ratios(lm_only, cache, online, teacher_seconds, cpus)})
-    runs = {name: pooled(measured) for name, measured in rounds.items()}
+            ratio_rounds.append({"round": index, **round_ratios(lm_only, cache, online, teacher_seconds, cpus,
+                                                                transfer_runs)})
+    runs = {name: pooled(measured) for name, measured in rounds.items() if measured}
     lm_only_step = runs["lm_only"]["median_step_seconds"]
     ratio_median, ratio_spread = median_and_spread(ratio_rounds)
     result = {
         "what": "median optimizer-step time (s) over steps 2-6 of every run of configs/reference.yaml "
                 "(first-token, forward KL, k=256, batch 4 x 256 student tokens, fp32), alternated over rounds "
-                "(lm_only, cache, and online every other round), per-round ratios, and teacher-cache sizes of the "
-                "same run",
+                "(lm_only, cache, the --transfers, and online every other round unless --no-online), per-round "
+                "ratios, and teacher-cache sizes of the same run",
+        "transfers": transfers,
+        "online": not args.no_online,
         "machine": {"cpus": cpus, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "contended": any(is_contended(measured, cpus)
                                      for run in runs.values() for measured in run["rounds"])},
@@ -199,8 +224,8 @@ def main() -> None:
         "k64_heldout_bpb_cost": None,
         "k64_heldout_bpb_cost_note": "needs full quality runs; left to the quality benchmark (bench/quality.py)",
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 
 

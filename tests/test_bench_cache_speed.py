@@ -30,3 +30,15 @@ def test_median_and_spread_over_the_rounds_that_have_each_ratio():
     assert median == {"cache_over_lm_only": 1.15, "online_over_teacher_plus_lm_only": 1.6}
     assert spread["cache_over_lm_only"] == {"min": 1.0, "max": 1.3, "rounds": 4}
     assert spread["online_over_teacher_plus_lm_only"] == {"min": 1.5, "max": 1.7, "rounds": 2}
+
+
+def test_each_transfer_has_its_ratio_and_its_median_over_the_rounds():
+    transfers = {"first-token-chain-rule": measured(5.25), "chunk-likelihood": measured(6.0, load=3.0)}
+    ratios = cache_speed.round_ratios(measured(5.0), measured(5.5), None, None, cpus=2, transfers=transfers)
+    assert ratios == {"cache_over_lm_only": 1.1, "first-token-chain-rule_over_lm_only": 1.05,
+                      "chunk-likelihood_over_lm_only": 1.2, "contended": True}
+    median, spread = cache_speed.median_and_spread([ratios, {**ratios, "chunk-likelihood_over_lm_only": 1.0}])
+    assert list(median) == ["cache_over_lm_only", "first-token-chain-rule_over_lm_only",
+                            "chunk-likelihood_over_lm_only"]
+    assert median["chunk-likelihood_over_lm_only"] == 1.1
+    assert spread["chunk-likelihood_over_lm_only"] == {"min": 1.0, "max": 1.2, "rounds": 2}
