@@ -59,7 +59,10 @@ RESULTS = REPO / "bench" / "results" / "budget"
 DEFAULT_METHODS = (LM_ONLY, "first-token-cached", "first-token-lr1e-4")
 PLOT_PATH = REPO / "docs" / "budget.png"
 OVERRIDES_FILE = "budget_overrides.json"  # in a method's run folder: how it was started
-TOKENS_PER_STEP = 4 * 256
+WINDOWS_PER_STEP = 4
+TOKENS_PER_STEP = WINDOWS_PER_STEP * 256
+# The data-limited scenarios' corpus: the protocol's windows, repeated.
+CORPUS_WINDOWS = 240
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ class Scenario:
 
 
 STREAM = Scenario("stream", 480, (60, 120, 240, 480), title="no window repeated")
-DATA_LIMITED = Scenario("data-limited", 240, (60, 120, 180, 240), ("data.max_train_windows=240",),
+DATA_LIMITED = Scenario("data-limited", 240, (60, 120, 180, 240), (f"data.max_train_windows={CORPUS_WINDOWS}",),
                         title="4 epochs over the 240 protocol windows", summary_key="data_limited")
 # The data-limited corpus plus the teacher's continuations of it (sequence-level KD, docs/TEACHER_TEXT.md): one
 # sample of up to 192 teacher tokens from the start (32 student tokens) of each of the 240 windows, at temperature 0.7
@@ -86,7 +89,7 @@ DATA_LIMITED = Scenario("data-limited", 240, (60, 120, 180, 240), ("data.max_tra
 TEACHER_TEXT_DIR = RUN_ROOT / "data-limited-teacher-text" / "teacher-text"
 DATA_LIMITED_TEACHER_TEXT = Scenario(
     "data-limited-teacher-text", 240, (60, 120, 180, 240),
-    ("data.max_train_windows=240", f"data.teacher_text.dir={TEACHER_TEXT_DIR}",
+    (f"data.max_train_windows={CORPUS_WINDOWS}", f"data.teacher_text.dir={TEACHER_TEXT_DIR}",
      "data.teacher_text.samples_per_window=1", "data.teacher_text.new_tokens=192",
      "data.teacher_text.temperature=0.7", "data.teacher_text.top_p=0.95", "data.teacher_text.batch_size=80"),
     title="the 240 windows + the teacher's continuations", summary_key="data_limited_teacher_text")
@@ -147,10 +150,9 @@ def shortened(scenario: Scenario, steps: int) -> Scenario:
 
 def started_steps(method: str, scenario: Scenario) -> int | None:
     """The run length the run of `method` in `scenario` was started with, or None when it was not started."""
-    path = run_dir(method, scenario) / OVERRIDES_FILE
-    if not path.exists():
+    if not (run_dir(method, scenario) / OVERRIDES_FILE).exists():
         return None
-    lengths = [int(o.partition("=")[2]) for o in json.loads(path.read_text()) if o.startswith("training.max_steps=")]
+    lengths = [int(o.partition("=")[2]) for o in run_overrides(method, scenario) if o.startswith("training.max_steps=")]
     return lengths[-1]  # the last of a key's overrides is the one the config takes
 
 
@@ -301,10 +303,6 @@ def scenario_summary(scenario: Scenario, committed: dict, fresh_data_lm_only: di
     return summary
 
 
-# The data-limited scenarios' corpus: the 240 protocol windows, one epoch of 4-window steps.
-CORPUS_STEPS = 240 // 4
-
-
 def corpus_multiplier(data: dict, fresh_lm_only: dict) -> dict:
     """What a small corpus is worth with a method, the figure a user with one reads: the best BPB its run reached over
     the epochs, and the steps of fresh text LM-only needs for it, as a multiple of one epoch of the corpus (1 = the
@@ -313,7 +311,7 @@ def corpus_multiplier(data: dict, fresh_lm_only: dict) -> dict:
     fresh_steps, extrapolated = lm_only_steps_smoothed(data["bpb"][best], fresh_lm_only["steps"],
                                                        fresh_lm_only["bpb"])
     return {"best_bpb": data["bpb"][best], "at_step": data["steps"][best], "fresh_steps": fresh_steps,
-            "multiplier": fresh_steps / CORPUS_STEPS, "extrapolated": extrapolated}
+            "multiplier": fresh_steps / (CORPUS_WINDOWS / WINDOWS_PER_STEP), "extrapolated": extrapolated}
 
 
 def summarise() -> dict:
