@@ -8,13 +8,14 @@ lazy initialisation) and the median of the rest kept:
 - cache: the teacher's signal is read from a cache written just before by `crosskd.cache_teacher` (k=256);
 - lm_only: objective.kd_alpha=0, so the trainer skips the teacher entirely: the floor a cache can approach.
 
-The runs alternate over `--rounds` rounds (default 4): every round runs lm_only then cache (so the sequence is
-ABAB...), and every other round (the first, the third, ...) also times the teacher's forward on the trainer's first
-4 x 256 batch once and runs online, which is slow. Each round gives its own ratios, cache / lm_only and
-online / (teacher forward + lm_only step), from runs minutes apart, so that a change in the shared machine's load
-falls on both sides of a ratio; the file reports them per round (`ratio_rounds`), their median (`ratio_median`) and
-their spread (`ratio_spread`: min and max over rounds), beside the pooled medians of every run (`runs`,
-`ratio_to_lm_only`).
+The runs alternate over `--rounds` rounds (default 4): every round runs lm_only and cache, lm_only first in even
+rounds and last in odd ones (ABBA...), and every other round (the first, the third, ...) also times the teacher's
+forward on the trainer's first 4 x 256 batch once and runs online, which is slow. Each round gives its own ratios,
+cache / lm_only and online / (teacher forward + lm_only step), from runs minutes apart, so that a change in the shared
+machine's load falls on both sides of a ratio; the file reports them per round (`ratio_rounds`), their median
+(`ratio_median`) and their spread (`ratio_spread`: min and max over rounds), beside the pooled medians of every run
+(`runs`, `ratio_to_lm_only`). bench/step_pairs.py measures KD's own cost more finely: both objectives in one process,
+step by step on the same windows.
 
 A k=64 cache of the same run is written too, for its size. The held-out BPB cost of k=64 needs full quality runs and
 is left to the quality benchmark (bench/quality.py). The machine is shared: load averages are recorded around every
@@ -91,6 +92,14 @@ def round_ratios(lm_only: dict, cache: dict, online: dict | None, teacher_forwar
         measured.append(online)
     ratios["contended"] = any(is_contended(m, cpus) for m in measured)
     return ratios
+
+
+def round_order(index: int, transfers: list[str]) -> list[str]:
+    """The cached runs of round `index` in the order they run: LM-only first in even rounds and last in odd ones
+    (ABBA), so that whatever a run leaves behind in the process (allocator state, a warm cache) or a drift of the
+    machine's speed during the round falls on both sides of the ratios."""
+    order = ["lm_only", "cache", *transfers]
+    return order if index % 2 == 0 else order[::-1]
 
 
 def median_and_spread(rounds: list[dict]) -> tuple[dict, dict]:
@@ -193,8 +202,9 @@ def main() -> None:
             return measured
 
         for index in range(args.rounds):
-            lm_only, cache = timed("lm_only"), timed("cache")
-            transfer_runs = {name: timed(name) for name in transfers}
+            measured = {name: timed(name) for name in round_order(index, transfers)}
+            lm_only, cache = measured["lm_only"], measured["cache"]
+            transfer_runs = {name: measured[name] for name in transfers}
             online = teacher_seconds = None
             if index % 2 == 0 and not args.no_online:
                 teacher_seconds = first_batch_teacher_seconds(config(*modes["online"]))

@@ -14,8 +14,8 @@ lazy initialisation) and records the rest with input shapes. Reported per mode, 
     python bench/profile_step.py                                  # ~5 minutes on 2 cores, quiet machine
     python bench/profile_step.py --config configs/tiny.yaml --modes cached,lm_only   # the harness in seconds
 
-Writes bench/results/profile_step.json (tiny runs write bench/results/profile_step-tiny.json). Run it alone: a
-contended machine changes every share.
+Writes bench/results/profile_step.json (tiny runs write bench/results/profile_step-tiny.json; `--output PATH` writes
+elsewhere). Run it alone: a contended machine changes every share.
 """
 
 from __future__ import annotations
@@ -109,6 +109,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs" / "reference.yaml"))
     parser.add_argument("--modes", default=",".join(MODES), help=f"from: {', '.join(MODES)}")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="where to write the result (default bench/results/profile_step.json, or "
+                             "profile_step-tiny.json for configs/tiny.yaml): a profile of new code beside the quoted one")
     args = parser.parse_args()
     modes = [name.strip() for name in args.modes.split(",") if name.strip()]
     unknown = sorted(set(modes) - set(MODES))
@@ -134,7 +137,7 @@ def main() -> None:
                                                                        result["modes"]["lm_only"])
     for data in result["modes"].values():
         del data["self_ms_by_op"]  # thousands of entries; the differences above are what is read
-    path = RESULTS_DIR / ("profile_step-tiny.json" if tiny else "profile_step.json")
+    path = args.output or RESULTS_DIR / ("profile_step-tiny.json" if tiny else "profile_step.json")
     path.write_text(json.dumps(result, indent=1) + "\n")
     for mode, data in result["modes"].items():
         print(f"{mode}: {data['step_ms']:.0f} ms per step; regions {data['regions_ms']}")

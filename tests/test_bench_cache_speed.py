@@ -42,3 +42,10 @@ def test_each_transfer_has_its_ratio_and_its_median_over_the_rounds():
                             "chunk-likelihood_over_lm_only"]
     assert median["chunk-likelihood_over_lm_only"] == 1.1
     assert spread["chunk-likelihood_over_lm_only"] == {"min": 1.0, "max": 1.2, "rounds": 2}
+
+
+def test_rounds_alternate_which_run_goes_first():
+    transfers = ["first-token-chain-rule"]
+    assert cache_speed.round_order(0, transfers) == ["lm_only", "cache", "first-token-chain-rule"]
+    assert cache_speed.round_order(1, transfers) == ["first-token-chain-rule", "cache", "lm_only"]
+    assert cache_speed.round_order(2, []) == ["lm_only", "cache"]

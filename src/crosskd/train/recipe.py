@@ -35,6 +35,7 @@ from crosskd.data.collate import collate_windows
 from crosskd.data.corpus import TrainingCorpus, windows_per_step
 from crosskd.evaluate import BPBResult, bits_per_byte, chat_reply, responses_bits_per_byte
 from crosskd.losses.selection import step_counts
+from crosskd.models.allocator import freed_memory_kept
 from crosskd.models.loading import LoadedModel, load_model
 from crosskd.models.precision import MixedPrecision
 from crosskd.schedules import ScheduleSettings, loss_weights, schedule_settings, temperature
@@ -196,7 +197,15 @@ def train(config: Config, resume: str | None = None, debug: bool = False, overwr
           preflight: Callable[[Accelerator], None] | None = None) -> TrainResult:
     """`resume`: "latest" or a checkpoint folder; `overwrite`: delete the run folder first when it holds another run
     (without it such a folder is refused); `preflight(accelerator)`: checks run once the processes are known, before
-    anything is loaded or written (`crosskd train` passes the doctor's fast checks, which raise to refuse the run)."""
+    anything is loaded or written (`crosskd train` passes the doctor's fast checks, which raise to refuse the run).
+    With `training.keep_freed_memory` the step's large CPU buffers are reused from step to step
+    (crosskd.models.allocator)."""
+    with freed_memory_kept(config.training.keep_freed_memory):
+        return _train(config, resume, debug, overwrite, preflight)
+
+
+def _train(config: Config, resume: str | None, debug: bool, overwrite: bool,
+           preflight: Callable[[Accelerator], None] | None) -> TrainResult:
     started = time.perf_counter()
     run_dir = Path(config.output.run_dir)
     checkpoints_dir = run_dir / "checkpoints"
