@@ -15,11 +15,12 @@ and after training (whole-vocabulary logits of 512-token windows) are phase boun
 - CUDA: `torch.cuda.max_memory_allocated()` after `torch.cuda.reset_peak_memory_stats()`: tensors only, which is what
   the planner's GPU figure estimates (no CUDA context, no caching-allocator slack). Not yet run: no GPU so far.
 
-CPU allocator: glibc keeps freed heap memory resident, and its mmap threshold grows with the sizes it has freed (up to
-32 MiB), so tensors smaller than that are served from a heap that does not shrink. `--allocator pinned` fixes the
-threshold at 64 KiB (MALLOC_MMAP_THRESHOLD_=65536): every tensor is its own mapping, returned when freed, and RSS
-follows the live tensors, which is what the planner estimates. The tiny pair (all tensors a few MiB) is measured both
-ways; the reference pair's large tensors are mapped either way.
+CPU allocator: while it trains, crosskd asks glibc to serve every buffer from its heap and keep freed memory there
+(`training.keep_freed_memory`, the default), so RSS during the steps is the heap's high-water mark: the largest live
+set so far plus what fragmentation adds. `--allocator pinned` sets `training.keep_freed_memory=false` and fixes the
+mmap threshold at 64 KiB (MALLOC_MMAP_THRESHOLD_=65536): every tensor is its own mapping, returned when freed, and RSS
+follows the live tensors, which is what the planner estimates. The tiny pair (all tensors a few MiB) is measured
+pinned.
 
 `measure` replaces that pair's cases in bench/results/memory_plan.json; `estimate` recomputes the estimate columns
 (the planner may change after a measurement; the measured figures do not).
@@ -116,12 +117,14 @@ PINNED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def _case_in_fresh_process(config_path: Path, overrides: list[str], device: str, allocator: str) -> dict:
-    command = [sys.executable, __file__, "_case", str(config_path), device, *overrides]
     environment = dict(os.environ)
     if device == "cpu":
         environment["ACCELERATE_USE_CPU"] = "true"  # accelerate takes the GPU whenever there is one
         if allocator == "pinned":
             environment.update(PINNED_MMAP_THRESHOLD)
+            # The trainer would otherwise turn mmap off while it trains (training.keep_freed_memory).
+            overrides = [*overrides, "training.keep_freed_memory=false"]
+    command = [sys.executable, __file__, "_case", str(config_path), device, *overrides]
     out = subprocess.run(command, capture_output=True, text=True, env=environment)
     if out.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{out.stderr[-3000:]}")
