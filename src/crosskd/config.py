@@ -235,8 +235,9 @@ class TrainingConfig:
     # Keep only each student layer's input and recompute the layer in backward: far less activation memory for about
     # one more student forward of time (`crosskd plan` shows how much).
     gradient_checkpointing: bool = False
-    # Keep the C allocator's freed memory in the process while training (glibc), so each step's large CPU buffers
-    # reuse the last step's instead of fresh pages the kernel maps and zeroes (crosskd.models.allocator).
+    # Keep the C allocator's freed memory in the process while training or writing the teacher cache (glibc), so each
+    # step's large CPU buffers reuse the last step's instead of fresh pages the kernel maps and zeroes
+    # (crosskd.models.allocator).
     keep_freed_memory: bool = True
     seed: int = 0
     max_consecutive_nonfinite: int = 5

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from crosskd.config import Config, require_cacheable_terms
 from crosskd.data.collate import DualBatch, collate_windows
 from crosskd.data.corpus import TrainingCorpus, load_corpus_documents, windows_per_step
+from crosskd.models.allocator import freed_memory_kept
 from crosskd.models.loading import load_model, load_tokenizer
 from crosskd.models.precision import MixedPrecision
 from crosskd.teacher.cache_format import (
@@ -191,7 +192,14 @@ def _cached_keys(cache_dir: Path, index: dict) -> set[bytes]:
 def write_teacher_cache(config: Config, needs: TeacherNeeds, with_preparation: bool, processes: int = 1,
                         shard_megabytes: float = DEFAULT_SHARD_MEGABYTES, progress: bool = True) -> CacheSummary:
     """Run the teacher over the windows `config`'s run reads and store the parts of its signal the run's vocabulary
-    transfer `needs` (with its preparation windows when `with_preparation`); resume an interrupted cache."""
+    transfer `needs` (with its preparation windows when `with_preparation`); resume an interrupted cache. Like
+    training, with `training.keep_freed_memory` the teacher's large logit buffers are reused from batch to batch."""
+    with freed_memory_kept(config.training.keep_freed_memory):
+        return _write_teacher_cache(config, needs, with_preparation, processes, shard_megabytes, progress)
+
+
+def _write_teacher_cache(config: Config, needs: TeacherNeeds, with_preparation: bool, processes: int,
+                         shard_megabytes: float, progress: bool) -> CacheSummary:
     require_cacheable_terms(config)
     if processes < 1 or shard_megabytes <= 0:
         raise ValueError(f"processes ({processes}) must be at least 1 and shard_megabytes ({shard_megabytes}) positive")
