@@ -1,12 +1,13 @@
 """How the C allocator treats a training step's large CPU buffers: kept in the process for the next step.
 
 Every step makes the same large buffers afresh: the fused loss's [rows, vocab] float32 chunks (48 MiB at 256 x
-49,152), their gradients, the student's activations. glibc's malloc serves a buffer above its mmap threshold (at most
-32 MiB, and 128 KiB until the first large free) with fresh pages from the kernel and unmaps them on free, so every
-step the kernel maps and zeroes them again: ~400k page faults and ~1 s of kernel CPU per reference step on 2 cores
-(docs/BENCHMARKS.md, bench/step_pairs.py). While training or writing a teacher cache, malloc is asked to serve every buffer from its heap and to
-keep what is freed there, so the next step reuses the same memory without the kernel; afterwards glibc's defaults come
-back and the freed memory is returned to the system. Other C libraries (macOS, musl) are left as they are.
+49,152), their gradients, the student's activations. glibc's malloc serves a buffer above its mmap threshold (at
+most 32 MiB, and 128 KiB until the first large free) with fresh pages from the kernel and unmaps them on free, so
+every step the kernel maps and zeroes them again: ~400k page faults and ~1 s of kernel CPU per reference step on 2
+cores (docs/BENCHMARKS.md, bench/step_pairs.py). While training or writing a teacher cache, malloc is asked to serve
+every buffer from its heap and to keep what is freed there, so the next step reuses the same memory without the
+kernel; afterwards glibc's defaults come back and the freed memory is returned to the system. Other C libraries
+(macOS, musl) are left as they are.
 """
 
 from __future__ import annotations
