@@ -29,6 +29,14 @@ def resident_mib():
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
 
+if sys.argv[1] == "nested":
+    with freed_memory_kept() as outer:
+        with freed_memory_kept() as inner:
+            pass
+        faults_of_ten_chunks()  # the first one comes from the kernel
+        after_inner = faults_of_ten_chunks()
+    print(outer and inner, after_inner, faults_of_ten_chunks())
+    sys.exit()
 enabled = sys.argv[1] == "kept"
 with freed_memory_kept(enabled) as kept:
     inside = faults_of_ten_chunks()
@@ -67,3 +75,12 @@ def test_the_memory_kept_during_the_run_goes_back_after_it():
     # Inside: the reused 48 MiB, the held buffer and the interpreter; after: the freed 48 MiB are returned to the
     # system (malloc_trim), the held buffer stays.
     assert resident_after < resident_inside - 30
+
+
+def test_nested_contexts_keep_the_memory_until_the_outermost_closes():
+    finished = subprocess.run([sys.executable, "-c", FRESH_CHUNKS, "nested"], capture_output=True, text=True,
+                              check=True)
+    kept, after_inner, after_outer = finished.stdout.split()[-3:]
+    assert kept == "True"
+    assert int(after_inner) < 10_000  # still reused after the inner context closed
+    assert int(after_outer) > 100_000

@@ -37,19 +37,28 @@ def _glibc() -> ctypes.CDLL | None:
         else None
 
 
+_active = 0  # contexts open now: only the outermost sets malloc's parameters and gives them back
+
+
 @contextlib.contextmanager
 def freed_memory_kept(enabled: bool = True) -> Iterator[bool]:
     """Within: large buffers come from malloc's heap and freed memory stays there for reuse (`training.
-    keep_freed_memory`). Yields whether that is in force (False: disabled, or the C library is not glibc)."""
+    keep_freed_memory`). Yields whether that is in force (False: disabled, or the C library is not glibc). Contexts
+    nest (a cache written inside a run): the defaults come back when the outermost one closes."""
+    global _active
     libc = _glibc() if enabled else None
     if libc is None:
-        yield False
+        yield _active > 0
         return
-    libc.mallopt(M_MMAP_MAX, 0)
-    libc.mallopt(M_TRIM_THRESHOLD, KEPT_TRIM_THRESHOLD)
+    if _active == 0:
+        libc.mallopt(M_MMAP_MAX, 0)
+        libc.mallopt(M_TRIM_THRESHOLD, KEPT_TRIM_THRESHOLD)
+    _active += 1
     try:
         yield True
     finally:
-        libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
-        libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
-        libc.malloc_trim(0)  # what the run freed goes back to the system, not only the heap's top
+        _active -= 1
+        if _active == 0:
+            libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+            libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
+            libc.malloc_trim(0)  # what the run freed goes back to the system, not only the heap's top
