@@ -35,6 +35,7 @@ from crosskd.api import cache_teacher
 from crosskd.config import load_config
 from crosskd.train import recipe
 from crosskd.train.logbook import Logbook
+from cache_speed import load_averages  # bench/, the directory of this script
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "bench" / "results"
@@ -42,10 +43,6 @@ WARMUP, ACTIVE = 2, 3
 TOP_OPS = 25
 MODES = {"cached": ("teacher.source=cache",), "online": (), "lm_only": ("objective.kd_alpha=0",)}
 REGION_PREFIX = "crosskd."
-
-
-def load_averages() -> list[float]:
-    return [round(value, 2) for value in os.getloadavg()]
 
 
 def profiled_run(config) -> dict:

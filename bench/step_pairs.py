@@ -43,13 +43,10 @@ from crosskd.models.precision import MixedPrecision
 from crosskd.schedules import schedule_settings
 from crosskd.train.objective import DistillationObjective
 from crosskd.train.recipe import accumulate_gradients, apply_update, build_training, schedule_at
+from cache_speed import load_averages  # bench/, the directory of this script
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "step_pairs.json"
-
-
-def load_averages() -> list[float]:
-    return [round(value, 2) for value in os.getloadavg()]
 
 
 def timed_step(objective, setup, precision, accelerator, windows, pad_id, weights, tau,

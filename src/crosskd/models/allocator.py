@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 from collections.abc import Iterator
 
 # mallopt parameters and glibc's defaults for them (malloc.h, malloc/malloc.c).
@@ -24,6 +25,7 @@ DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536
 KEPT_TRIM_THRESHOLD = 2**31 - 1
 
 
+@functools.cache  # find_library runs `ldconfig -p`: once per process is enough
 def _glibc() -> ctypes.CDLL | None:
     """The process's C library when it is glibc (it has `gnu_get_libc_version`), else None."""
     name = ctypes.util.find_library("c")
