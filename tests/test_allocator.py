@@ -1,5 +1,5 @@
 """crosskd.models.allocator: while training, the large CPU buffers a step frees are reused by the next step instead of
-coming back from the kernel as fresh pages (glibc); afterwards the defaults return. Each case runs in a fresh
+coming back from the kernel as fresh pages (glibc); afterwards the freed memory goes back to the system. Each case runs in a fresh
 interpreter, because malloc's settings belong to the process."""
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ if sys.argv[1] == "nested":
             pass
         faults_of_ten_chunks()  # the first one comes from the kernel
         after_inner = faults_of_ten_chunks()
-    print(outer and inner, after_inner, faults_of_ten_chunks())
+        resident_inside = resident_mib()
+    print(outer and inner, after_inner, round(resident_inside), round(resident_mib()))
     sys.exit()
 enabled = sys.argv[1] == "kept"
 with freed_memory_kept(enabled) as kept:
@@ -55,13 +56,13 @@ def run_child(mode: str) -> tuple[bool, int, int, int, int]:
     return kept == "True", int(inside), int(after), int(resident_inside), int(resident_after)
 
 
-def test_freed_buffers_are_reused_while_kept_and_fresh_pages_return_afterwards():
-    kept, inside, after, _, _ = run_child("kept")
+def test_freed_buffers_are_reused_while_kept():
+    kept, inside, _, _, _ = run_child("kept")
     assert kept
-    # The first buffer's 12k pages come from the kernel once; the nine after it reuse them. After the context glibc
-    # maps each large buffer afresh again: 10 x 12k pages.
+    # The first buffer's 12k pages come from the kernel once; the nine after it reuse them. (After the context, how
+    # many faults a buffer costs depends on where glibc finds room in the heap the run left: the test below checks
+    # what the context guarantees, that the freed memory goes back.)
     assert inside < 30_000
-    assert after > 100_000
 
 
 def test_disabled_leaves_malloc_as_it_is():
@@ -80,7 +81,7 @@ def test_the_memory_kept_during_the_run_goes_back_after_it():
 def test_nested_contexts_keep_the_memory_until_the_outermost_closes():
     finished = subprocess.run([sys.executable, "-c", FRESH_CHUNKS, "nested"], capture_output=True, text=True,
                               check=True)
-    kept, after_inner, after_outer = finished.stdout.split()[-3:]
+    kept, after_inner, resident_inside, resident_after = finished.stdout.split()[-4:]
     assert kept == "True"
     assert int(after_inner) < 10_000  # still reused after the inner context closed
-    assert int(after_outer) > 100_000
+    assert int(resident_after) < int(resident_inside) - 30  # given back when the outermost one closed
